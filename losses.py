@@ -1,0 +1,79 @@
+"""The seed's training loss, `CrossEntropy + Dice`, with ignore_index honoured by both terms.
+
+Both terms are computed in float32 even under autocast: softmax sums over 19 classes and the
+Dice sums over every pixel of the batch, both too lossy in bf16/fp16. Everything is built from
+a masked one-hot target, so there is no host sync (no .item(), no boolean indexing) and an
+all-ignored batch gives loss 0 with zero gradients instead of F.cross_entropy's NaN.
+
+Targets must hold class ids in [0, num_classes) or ignore_index. Checking that would need a
+host sync on every step, so it is not done: any other value matches no class and is silently
+treated like ignore_index (the dataset maps everything that is not a class to 255).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CEDiceLoss(nn.Module):
+    """ce_weight * CE + dice_weight * (1 - soft Dice).
+
+    CE equals F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index):
+    the (class-weighted) mean over valid pixels, and 0 when no pixel is valid.
+
+    Dice is the soft multi-class Dice on softmax probabilities p against the one-hot target g,
+    summed over the whole batch (all of N, H, W) per class c:
+        dice_c = (2 * sum(p_c * g_c) + smooth) / (sum(p_c) + sum(g_c) + smooth)
+    and the Dice loss is 1 - mean_c(dice_c), the mean weighted by class_weights when given.
+    p and g are both zeroed at ignored pixels, so those count in neither numerator nor
+    denominator. `smooth` keeps dice_c defined (= 1, i.e. no loss) for a class that is neither
+    present nor predicted, and softens the gradient of rare classes.
+    """
+
+    def __init__(self, num_classes, ignore_index=255, ce_weight=1.0, dice_weight=1.0,
+                 class_weights=None, smooth=1.0):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"CEDiceLoss: num_classes must be >= 1, got {num_classes}")
+        if smooth <= 0:
+            raise ValueError(f"CEDiceLoss: smooth must be > 0 (else an absent class gives 0/0), got {smooth}")
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if class_weights.shape != (num_classes,):
+                raise ValueError(f"CEDiceLoss: class_weights must have shape ({num_classes},), "
+                                 f"got {tuple(class_weights.shape)}")
+            if (class_weights < 0).any() or class_weights.sum() <= 0:
+                raise ValueError("CEDiceLoss: class_weights must be >= 0 with a positive sum")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+        self.smooth = smooth
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, logits, target):
+        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"CEDiceLoss: logits must be (N, {self.num_classes}, H, W), "
+                             f"got {tuple(logits.shape)}")
+        if target.shape != (logits.shape[0],) + logits.shape[2:] or target.is_floating_point():
+            raise ValueError(f"CEDiceLoss: target must be integer (N, H, W) matching logits "
+                             f"{tuple(logits.shape)}, got {target.dtype} {tuple(target.shape)}")
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            log_probs = F.log_softmax(logits.float(), dim=1)
+            classes = torch.arange(self.num_classes, device=target.device).view(1, -1, 1, 1)
+            onehot = (target.unsqueeze(1) == classes).float()  # ignored pixels: all zeros
+            valid = onehot.sum(1, keepdim=True)  # (N, 1, H, W), 1 = pixel counts
+            class_weights = (torch.ones(self.num_classes, device=logits.device)
+                             if self.class_weights is None else self.class_weights)
+
+            pixel_weight = (onehot * class_weights.view(1, -1, 1, 1)).sum(1)
+            pixel_nll = -(onehot * log_probs).sum(1)
+            total_weight = pixel_weight.sum()
+            safe_total = torch.where(total_weight > 0, total_weight, torch.ones_like(total_weight))
+            ce = (pixel_weight * pixel_nll).sum() / safe_total
+
+            probs = log_probs.exp() * valid
+            intersection = (probs * onehot).sum((0, 2, 3))
+            cardinality = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+            dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
+            dice_loss = 1 - (class_weights * dice).sum() / class_weights.sum()
+            return self.ce_weight * ce + self.dice_weight * dice_loss

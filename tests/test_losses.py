@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import CEDiceLoss
+
+IGNORE = 255
+
+
+def random_batch(seed=0, n=2, c=5, h=6, w=7, ignore_fraction=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, h, w, generator=gen) * 3
+    target = torch.randint(0, c, (n, h, w), generator=gen)
+    target[torch.rand(n, h, w, generator=gen) < ignore_fraction] = IGNORE
+    return logits, target
+
+
+def hand_example():
+    """Three pixels, two classes: (2, 0) labelled 0, (0, 1) labelled 1, (5, -5) ignored."""
+    logits = torch.tensor([[[[2.0, 0.0, 5.0]], [[0.0, 1.0, -5.0]]]])
+    target = torch.tensor([[[0, 1, IGNORE]]])
+    p0_class0 = math.exp(2) / (math.exp(2) + 1)  # pixel 0
+    p1_class1 = math.exp(1) / (math.exp(1) + 1)  # pixel 1
+    return logits, target, p0_class0, p1_class1
+
+
+def test_hand_computed_dice_ignores_third_pixel():
+    logits, target, a, b = hand_example()
+    # class 0: p = a at pixel 0 (its pixel) and 1 - b at pixel 1; g sums to 1
+    dice0 = (2 * a + 1) / (a + (1 - b) + 1 + 1)
+    # class 1: p = 1 - a at pixel 0 and b at pixel 1 (its pixel)
+    dice1 = (2 * b + 1) / ((1 - a) + b + 1 + 1)
+    loss = CEDiceLoss(2, ce_weight=0.0, smooth=1.0)(logits, target)
+    assert loss.item() == pytest.approx(1 - (dice0 + dice1) / 2, abs=1e-6)
+
+    weighted = CEDiceLoss(2, ce_weight=0.0, class_weights=[3.0, 1.0])(logits, target)
+    assert weighted.item() == pytest.approx(1 - (3 * dice0 + dice1) / 4, abs=1e-6)
+
+
+def test_hand_computed_ce_and_sum():
+    logits, target, a, b = hand_example()
+    ce = -(math.log(a) + math.log(b)) / 2
+    assert CEDiceLoss(2, dice_weight=0.0)(logits, target).item() == pytest.approx(ce, abs=1e-6)
+    weighted_ce = -(3 * math.log(a) + 1 * math.log(b)) / 4
+    loss = CEDiceLoss(2, dice_weight=0.0, class_weights=[3.0, 1.0])(logits, target)
+    assert loss.item() == pytest.approx(weighted_ce, abs=1e-6)
+
+    dice_loss = CEDiceLoss(2, ce_weight=0.0)(logits, target).item()
+    total = CEDiceLoss(2, ce_weight=0.5, dice_weight=2.0)(logits, target).item()
+    assert total == pytest.approx(0.5 * ce + 2.0 * dice_loss, abs=1e-6)
+
+
+@pytest.mark.parametrize("class_weights", [None, [0.5, 2.0, 1.0, 0.0, 3.0]])
+def test_ce_matches_torch_cross_entropy(class_weights):
+    logits, target = random_batch()
+    weight = None if class_weights is None else torch.tensor(class_weights)
+    expected = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+    got = CEDiceLoss(5, dice_weight=0.0, class_weights=class_weights)(logits, target)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ce_weight, dice_weight", [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_logits_at_ignored_pixels_do_not_matter(ce_weight, dice_weight):
+    logits, target = random_batch(seed=1)
+    criterion = CEDiceLoss(5, ce_weight=ce_weight, dice_weight=dice_weight, class_weights=[1, 2, 3, 4, 5])
+    ignored = (target == IGNORE).unsqueeze(1).expand_as(logits)
+    changed = logits.clone()
+    changed[ignored] = torch.randn(int(ignored.sum())) * 50
+
+    original = logits.requires_grad_()
+    loss = criterion(original, target)
+    loss.backward()
+    assert torch.equal(loss, criterion(changed, target))
+    assert torch.count_nonzero(original.grad[ignored]) == 0
+    assert torch.count_nonzero(original.grad[~ignored]) > 0
+
+
+def test_all_ignored_batch_is_zero_with_zero_grads():
+    logits, _ = random_batch()
+    logits.requires_grad_()
+    target = torch.full((2, 6, 7), IGNORE)
+    loss = CEDiceLoss(5, class_weights=[1, 2, 3, 4, 5])(logits, target)
+    loss.backward()
+    assert torch.isnan(F.cross_entropy(logits.detach(), target, ignore_index=IGNORE))  # why we roll our own
+    assert loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_perfect_prediction_is_near_zero_and_wrong_is_large():
+    _, target = random_batch(ignore_fraction=0.0)
+    perfect = F.one_hot(target, 5).permute(0, 3, 1, 2).float() * 100
+    criterion = CEDiceLoss(5)
+    assert criterion(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert criterion(-perfect, target).item() > 50
+
+
+def test_bf16_autocast_gives_float32_equal_to_fp32_on_rounded_logits():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    images = torch.randn(2, 3, 6, 7)
+    _, target = random_batch()
+    criterion = CEDiceLoss(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = conv(images)
+        loss = criterion(logits, target)
+    assert logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32
+    reference = criterion(logits.detach().float(), target)
+    assert torch.equal(loss, reference)
+
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in conv.parameters())
+
+
+def test_gradients_finite_on_extreme_logits():
+    logits, target = random_batch()
+    logits = (logits * 1e4).requires_grad_()
+    loss = CEDiceLoss(5)(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_class_weights_are_float32_and_not_checkpointed():
+    criterion = CEDiceLoss(3, class_weights=[1.0, 2.0, 3.0])
+    assert criterion.class_weights.dtype == torch.float32
+    assert criterion.state_dict() == {}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_classes=0), "num_classes"),
+    (dict(num_classes=3, smooth=0.0), "smooth"),
+    (dict(num_classes=3, class_weights=[1.0, 2.0]), "shape"),
+    (dict(num_classes=2, class_weights=[1.0, -1.0]), ">= 0"),
+])
+def test_bad_constructor_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CEDiceLoss(**kwargs)
+
+
+def test_bad_shapes_raise_clear_error():
+    criterion = CEDiceLoss(5)
+    logits, target = random_batch()
+    with pytest.raises(ValueError, match="logits"):
+        criterion(logits[:, :3], target)
+    with pytest.raises(ValueError, match="target"):
+        criterion(logits, target[:, :3])
+    with pytest.raises(ValueError, match="target"):
+        criterion(logits, target.float())
