@@ -14,11 +14,8 @@ import argparse
 import math
 import sys
 
-import matplotlib
 import torch
-
-matplotlib.use("Agg")  # headless: the plot only ever goes to a file
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def check_schedule_args(base_lr, warmup_steps, decay_factor, min_lr):
@@ -72,7 +69,8 @@ def plot_schedule(path, base_lr, min_lr, warmup_steps, decay_factor, total_steps
         raise ValueError(f"lr_schedule: total_steps must be >= 1, got {total_steps}")
     steps = range(total_steps)
     lrs = [lr_at(s, base_lr, warmup_steps, decay_factor, min_lr) for s in steps]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4), layout="constrained")  # no pyplot: headless, no global state
+    ax = fig.add_subplot()
     ax.plot(steps, lrs)
     ax.axvline(warmup_steps, color="gray", linestyle="--", label=f"end of warmup (step {warmup_steps})")
     ax.axhline(min_lr, color="red", linestyle=":", label=f"min_lr = {min_lr:g}")
@@ -80,9 +78,7 @@ def plot_schedule(path, base_lr, min_lr, warmup_steps, decay_factor, total_steps
     ax.set_ylabel("learning rate")
     ax.set_title(f"quadratic warmup + inverse-sqrt decay\nbase_lr={base_lr:g}, decay_factor={decay_factor:g}")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):

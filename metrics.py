@@ -1,0 +1,138 @@
+"""Segmentation metrics following the official Cityscapes pixel-level protocol.
+
+One confusion matrix is accumulated over the whole evaluation set and every score is
+computed from it once at the end. Averaging per-batch scores instead inflates them: a
+batch that lacks a class drops that class from its mean, so rare-class failures get
+diluted by the many batches where the class is absent, and small batches weigh as much
+as large ones.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+
+
+class ConfusionMatrix:
+    """Pixel counts of (ground-truth class, predicted class) over a whole evaluation set.
+
+    Rows are ground truth, columns predictions. Pixels whose target is `ignore_index`
+    (or any value outside [0, num_classes)) count nowhere, so predicting something there
+    is not a false positive. A prediction outside [0, num_classes) at a valid pixel lands
+    in an extra "other" column: a false negative of the true class and a false positive of
+    nothing, which is how the official evaluation scores predictions of void label ids.
+    """
+
+    def __init__(self, num_classes, ignore_index=255, device="cpu"):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.device = torch.device(device)
+        # (C + 1) x (C + 1): the last column is "other" predictions, the last row collects
+        # ignored pixels so every pixel has a fixed slot and update() needs no masking.
+        self._counts = torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.int64, device=self.device)
+
+    @property
+    def matrix(self):
+        """(C, C) int64 counts, rows = ground truth, columns = prediction."""
+        return self._counts[: self.num_classes, : self.num_classes].clone()
+
+    def reset(self):
+        self._counts.zero_()
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        """Add a batch of integer class maps (any shape, same for both) without a host sync.
+
+        Keep `device` equal to the tensors' device: a cross-device copy would sync.
+        torch.bincount is avoided because on CUDA it reads the input's max back to the host
+        to size its output; index_add_ into the fixed-size buffer never does, and integer
+        atomic adds are exact and order independent.
+        """
+        if pred.is_floating_point() or target.is_floating_point():
+            raise ValueError(f"pred and target must hold integer class ids (argmax the logits first), "
+                             f"got {pred.dtype} and {target.dtype}")
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        num_classes = self.num_classes
+        pred = pred.to(self.device, torch.int64).flatten()
+        target = target.to(self.device, torch.int64).flatten()
+        valid = (target >= 0) & (target < num_classes) & (target != self.ignore_index)
+        row = torch.where(valid, target, num_classes)
+        col = torch.where((pred >= 0) & (pred < num_classes), pred, num_classes)
+        self._counts.view(-1).index_add_(0, row * (num_classes + 1) + col, torch.ones_like(row))
+
+    def all_reduce(self):
+        """Sum the counts of all ranks (DDP evaluation); a no-op without torch.distributed.
+
+        Sums of counts are exact, unlike averaging per-rank scores. With NCCL the matrix
+        must live on the rank's GPU (`device`).
+        """
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._counts, op=dist.ReduceOp.SUM)
+
+    def compute(self):
+        """Scores from the accumulated counts; a class with TP + FP + FN == 0 gets NaN and is
+        left out of every mean, as in the official evaluation."""
+        counts = self._counts[: self.num_classes].cpu().double()  # ignored row dropped
+        true_pos = counts.diagonal()
+        gt_pixels = counts.sum(1)  # TP + FN, "other" predictions included
+        pred_pixels = counts[:, : self.num_classes].sum(0)  # TP + FP, valid pixels only
+        union = gt_pixels + pred_pixels - true_pos
+        iou = true_pos / union  # 0 / 0 -> NaN
+        dice = 2 * true_pos / (gt_pixels + pred_pixels)
+        total = gt_pixels.sum()
+        return {
+            "iou": iou,
+            "dice": dice,
+            "miou": iou.nanmean().item(),
+            # classes absent from ground truth have weight 0 (their IoU may be NaN)
+            "fwiou": ((gt_pixels * iou).nansum() / total).item(),
+            "pixel_acc": (true_pos.sum() / total).item(),
+            "mean_acc": (true_pos / gt_pixels).nanmean().item(),
+        }
+
+
+def format_table(results, class_names):
+    """Per-class IoU / Dice table plus the summary lines, for logs and the terminal."""
+    if len(class_names) != len(results["iou"]):
+        raise ValueError(f"got {len(class_names)} class names for {len(results['iou'])} classes")
+    width = max(len("class"), *(len(name) for name in class_names))
+
+    def number(value):
+        return "   n/a" if math.isnan(value) else f"{value:6.4f}"
+
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}"]
+    for name, iou, dice in zip(class_names, results["iou"].tolist(), results["dice"].tolist()):
+        lines.append(f"{name:<{width}}  {number(iou)}  {number(dice)}")
+    for label, key in (("mIoU", "miou"), ("fwIoU", "fwiou"), ("pixel acc", "pixel_acc"), ("mean acc", "mean_acc")):
+        lines.append(f"{label:<{width}}  {number(results[key])}")
+    return "\n".join(lines)
+
+
+def row_normalized(matrix):
+    """Each ground-truth row divided by its pixel count (per-class recall view); rows with
+    no pixels stay zero instead of becoming NaN."""
+    matrix = torch.as_tensor(matrix).cpu().double().numpy()
+    row_sums = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, row_sums, out=np.zeros_like(matrix), where=row_sums > 0)
+
+
+def plot_confusion_matrix(matrix, class_names, path):
+    """Save the row-normalised confusion matrix as a PNG (Figure directly: no pyplot state,
+    works headless)."""
+    if len(class_names) != len(matrix):
+        raise ValueError(f"got {len(class_names)} class names for a {len(matrix)}-class matrix")
+    size = 2 + 0.4 * len(class_names)
+    fig = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(row_normalized(matrix), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="fraction of ground-truth pixels")
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=90)
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.savefig(path, dpi=100)
