@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny Cityscapes trees laid out exactly like the official release, extra files included."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import Cityscapes
+
+CITIES = ("aachen", "bochum")
+NUM_LABEL_IDS = 34
+# One distinct colour per label id (the official palette repeats colours), so a pixel's colour tells its label.
+LABEL_ID_COLORS = np.array([(10 + 7 * k, 255 - 7 * k, (53 * k) % 256) for k in range(NUM_LABEL_IDS)], dtype=np.uint8)
+OFFICIAL_COLORS = {c.id: c.color for c in Cityscapes.classes if c.id >= 0}
+LABEL_TO_TRAIN_ID = {c.id: c.train_id for c in Cityscapes.classes if c.id >= 0}
+
+
+def random_label_ids(rng, width, height, block):
+    """Blocks of random label ids 0..33 (void ones included) and the ego-vehicle band at the bottom."""
+    blocks = rng.integers(0, NUM_LABEL_IDS, size=(-(-height // block), -(-width // block)), dtype=np.uint8)
+    label_ids = np.kron(blocks, np.ones((block, block), dtype=np.uint8))[:height, :width]
+    label_ids[-max(1, height // 8):] = 1
+    return label_ids
+
+
+def write_sample(root, split, city, stem, label_ids, noise, rng, train_id_files):
+    image_dir = root / "leftImg8bit" / split / city
+    mask_dir = root / "gtFine" / split / city
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    image = LABEL_ID_COLORS[label_ids].astype(np.int16)
+    if noise:
+        image += rng.integers(-noise, noise + 1, size=image.shape, dtype=np.int16)
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(image_dir / f"{stem}_leftImg8bit.png")
+    if split == "test":  # the official test masks are placeholders without real labels
+        label_ids = np.zeros_like(label_ids)
+    Image.fromarray(label_ids).save(mask_dir / f"{stem}_gtFine_labelIds.png")
+    if train_id_files:
+        train_ids = np.vectorize(LABEL_TO_TRAIN_ID.get)(label_ids).astype(np.uint8)
+        Image.fromarray(train_ids).save(mask_dir / f"{stem}_gtFine_labelTrainIds.png")
+    palette = np.array([OFFICIAL_COLORS[k] for k in range(NUM_LABEL_IDS)], dtype=np.uint8)
+    Image.fromarray(palette[label_ids]).convert("RGBA").save(mask_dir / f"{stem}_gtFine_color.png")
+    Image.fromarray(label_ids.astype(np.uint16) * 1000).save(mask_dir / f"{stem}_gtFine_instanceIds.png")
+    height, width = label_ids.shape
+    polygons = {"imgHeight": height, "imgWidth": width, "objects": [{"label": "road", "polygon": [[0, 0], [1, 0], [1, 1]]}]}
+    (mask_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps(polygons))
+
+
+@pytest.fixture
+def make_cityscapes(tmp_path):
+    """Factory writing a tiny official-layout tree under tmp_path and returning its root.
+
+    Images are LABEL_ID_COLORS[label id] (+ uniform noise up to `noise`); masks are 8-bit labelIds PNGs of
+    `block`-sized squares of random ids 0..33 plus an ego-vehicle band; samples alternate over the cities
+    and are named {city}_{seq:06d}_000019. Stray files sit beside the official ones.
+    """
+
+    def make(name="cityscapes", size=(64, 32), counts=None, train_id_files=False, noise=0, block=8, seed=0):
+        counts = {"train": 4, "val": 2, "test": 2} if counts is None else counts
+        root = tmp_path / name
+        rng = np.random.default_rng(seed)
+        width, height = size
+        for split, count in counts.items():
+            for index in range(count):
+                city = CITIES[index % len(CITIES)]
+                stem = f"{city}_{index // len(CITIES):06d}_000019"
+                label_ids = random_label_ids(rng, width, height, block)
+                write_sample(root, split, city, stem, label_ids, noise, rng, train_id_files)
+            for folder, stray in (("gtFine", "notes.txt"), ("leftImg8bit", "Thumbs.db")):
+                (root / folder / split / CITIES[0]).mkdir(parents=True, exist_ok=True)
+                (root / folder / split / CITIES[0] / stray).write_text("stray file")
+        (root / "README").write_text("stray file at the root")
+        return root
+
+    return make
+
+
+@pytest.fixture
+def label_id_colors():
+    """(34, 3) uint8: the image colour make_cityscapes paints for each label id."""
+    return LABEL_ID_COLORS.copy()
