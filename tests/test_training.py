@@ -1,0 +1,283 @@
+"""training.py end to end on tiny models: files and values a run leaves, exact resume after SIGKILL,
+Ctrl-C, non-finite steps, gradient accumulation, and DDP (2 CPU processes, gloo) against 1 process."""
+import contextlib
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import training
+from losses import CEDiceLoss
+from lr_schedule import lr_at
+from unet import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
+        "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu"]
+INFERENCE_KEYS = {"model", "model_config", "class_names", "image_size", "mean", "std"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The machine is shared: one intra-op thread beats two contended ones by far, and in-process and
+    subprocess runs must use the same thread count to give bit-identical weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def city(make_cityscapes):
+    return make_cityscapes(size=(32, 16), counts={"train": 8, "val": 4}, block=4, noise=10)
+
+
+def tiny_args(data_root, run_dir, *extra):
+    return ["--data_root", str(data_root), "--out_dir", str(run_dir), "--model_path", str(run_dir / "unet_model.pth"),
+            *TINY, *extra]
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    return [r for r in parsed if "train_loss" in r], [r for r in parsed if "miou" in r]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for key in training.DEFAULTS:
+        assert f"--{key}" in help_text
+    assert help_text.count("(default:") >= len(training.DEFAULTS)
+    assert "(default: 64; synthetic demo: 16)" in help_text  # --base_channels
+
+
+def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing, junk = tmp_path / "missing", tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for argv, named in ((["--data_root", str(missing)], str(missing)), (["--data_root", str(empty)], str(empty)),
+                        (["--dataset", "cityscapes"], "Dataset/cityscapes"), (["--resume", str(junk)], str(junk)),
+                        (["--resume", str(missing)], str(missing))):
+        with pytest.raises(SystemExit) as exit_info:
+            training.main(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and error.startswith("error: ") and named in error
+    assert sorted(os.listdir(tmp_path)) == ["empty", "junk.pt"]  # nothing generated, no run folder
+
+
+def test_run_leaves_config_metrics_checkpoints_plots(city, tmp_path):
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "4", "--eval_interval", "2",
+                            "--save_model_interval", "2", "--dice_weight", "0.5"))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dataset"] == "cityscapes" and config["image_size"] == "32x16" and config["dice_weight"] == 0.5
+    assert config["base_lr"] == training.DEFAULTS["base_lr"]  # Cityscapes defaults, not the demo's
+    assert config["decay_factor"] == training.DEFAULTS["decay_factor"]
+
+    train, evals = records(run_dir)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"step", "epoch", "train_loss", "lr", "grad_norm", "img_per_s", "nonfinite_steps"} <= set(train[0])
+    expected_lrs = [lr_at(s, config["base_lr"], 1, config["decay_factor"], config["min_lr"]) for s in range(4)]
+    assert [r["lr"] for r in train] == pytest.approx(expected_lrs, rel=1e-12)
+    assert [r["epoch"] for r in train] == [0, 0, 0, 1]  # 8 train images, 2 per step
+    assert all(r["train_loss"] > 0 and r["grad_norm"] > 0 and r["nonfinite_steps"] == 0 for r in train)
+    assert [(r["step"], r["final"]) for r in evals] == [(2, False), (4, True)]
+    for r in evals:
+        assert len(r["per_class_iou"]) == 19 and 0 <= r["miou"] <= 1 and 0 <= r["pixel_acc"] <= 1
+        assert r["val_loss"] > 0 and r["val_pixels"] > 0
+    for name in ("training_curves.png", "per_class_iou.png", "confusion_matrix.png",
+                 "snapshots/step_000002.png", "snapshots/step_000004.png"):
+        with Image.open(run_dir / name) as image:
+            assert min(image.size) > 50
+
+    shipped = load(run_dir / "unet_model.pth")
+    assert set(shipped) == INFERENCE_KEYS
+    assert shipped["image_size"] == [32, 16] and len(shipped["class_names"]) == 19
+    UNet(**shipped["model_config"]).load_state_dict(shipped["model"])
+    best = load(run_dir / "best_model.pth")
+    assert all(torch.equal(best["model"][k], v) for k, v in shipped["model"].items())
+
+    full = load(run_dir / "checkpoint.pt")
+    assert INFERENCE_KEYS | {"optimizer", "scheduler", "scaler", "config", "rng", "step", "samples_seen"} <= set(full)
+    assert (full["step"], full["samples_seen"], full["epoch"]) == (4, 8, 1)
+    assert full["scheduler"]["last_epoch"] == 4 and full["optimizer"]["state"][0]["step"] == 4
+    best_eval = max(evals, key=lambda r: r["miou"])
+    assert full["best_step"] == best_eval["step"] and full["best_miou"] == pytest.approx(best_eval["miou"])
+
+
+def test_without_cityscapes_trains_the_synthetic_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    training.main([*TINY, "--synthetic_train", "4", "--synthetic_val", "2", "--training_iterations", "2",
+                   "--out_dir", "run"])
+    assert "No Cityscapes at Dataset/cityscapes" in capsys.readouterr().out
+    config = json.loads(Path("run/config.json").read_text())
+    assert (config["dataset"], config["data_root"]) == ("synthetic", "Dataset/synthetic")
+    for key in ("base_lr", "decay_factor", "eval_interval"):
+        assert config[key] == training.SYNTHETIC_DEMO[key]  # demo defaults...
+    assert config["base_channels"] == 4 and config["image_size"] == "32x16"  # ...explicit flags win
+    assert len(list(Path("Dataset/synthetic/leftImg8bit/train").glob("*/*.png"))) == 4
+    assert set(load("unet_model.pth")) == INFERENCE_KEYS  # default --model_path
+
+
+def test_accumulation_equals_one_larger_batch():
+    """accum 2 x batch 2 == batch 4, on a model without BatchNorm (whose statistics are per micro-batch)
+    and a per-image-mean loss (CE, every pixel labelled; the batch-level Dice is not a per-image mean)."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 5, 3, padding=1)
+    images, masks = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4, 8, 8))
+    loss_fn = CEDiceLoss(5, dice_weight=0.0)
+
+    def step(batches, grad_clip=0.0):
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, norm, stepped = training.train_step(trained, iter(batches), len(batches), loss_fn, optimizer, scaler,
+                                                  contextlib.nullcontext, grad_clip, torch.device("cpu"))
+        assert stepped
+        return trained, loss, norm
+
+    big, big_loss, big_norm = step([(images, masks)])
+    small, small_loss, small_norm = step([(images[:2], masks[:2]), (images[2:], masks[2:])])
+    assert torch.allclose(big_loss, small_loss, atol=1e-6) and torch.allclose(big_norm, small_norm, atol=1e-6)
+    for p, q in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not torch.equal(big.weight, model.weight)
+    clipped, _, clipped_norm = step([(images, masks)], grad_clip=1e-3)
+    assert torch.equal(clipped_norm, big_norm)  # the logged norm is the one before clipping
+
+
+class NaNLoss(CEDiceLoss):
+    """CEDiceLoss returning NaN on the training calls listed in `bad_calls` (None = all)."""
+    calls = 0
+    bad_calls = None
+
+    def forward(self, logits, target):
+        loss = super().forward(logits, target)
+        if torch.is_grad_enabled():
+            NaNLoss.calls += 1
+            if NaNLoss.bad_calls is None or NaNLoss.calls in NaNLoss.bad_calls:
+                return loss * float("nan")
+        return loss
+
+
+def test_nonfinite_step_is_skipped_and_repeats_stop(city, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "CEDiceLoss", NaNLoss)
+    monkeypatch.setattr(NaNLoss, "calls", 0)
+    monkeypatch.setattr(NaNLoss, "bad_calls", {2})
+    run_dir = tmp_path / "skip"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "4", "--eval_interval", "10"))
+    train, _ = records(run_dir)
+    assert [r["nonfinite_steps"] for r in train] == [0, 1, 1, 1]
+    assert train[1]["train_loss"] is None and train[2]["train_loss"] > 0
+    full = load(run_dir / "checkpoint.pt")
+    assert full["optimizer"]["state"][0]["step"] == 3  # 4 steps, one skipped
+    assert all(t.isfinite().all() for t in full["model"].values() if t.is_floating_point())
+
+    monkeypatch.setattr(NaNLoss, "calls", 0)
+    monkeypatch.setattr(NaNLoss, "bad_calls", None)
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(tiny_args(city, tmp_path / "stop", "--training_iterations", "20", "--max_nonfinite_steps", "3"))
+    assert "3 consecutive non-finite steps (at step 3)" in str(exit_info.value.code)
+    assert not (tmp_path / "stop" / "checkpoint.pt").exists()
+
+    broken = UNet(base_channels=4, depth=2)
+    with torch.no_grad():
+        broken.head.bias[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="head.bias"):
+        training.inference_checkpoint(broken, {"image_size": "32x16"}, ["road"])
+
+
+def start_training(args, log_path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "training.py", *args], cwd=REPO, env=ENV, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def test_resume_after_sigkill_is_bit_exact(city, tmp_path):
+    """Evals, dropout, augmentation, a worker process and accumulation all in play; killed after a checkpoint
+    with later steps already logged, then resumed with --resume auto."""
+    args = ["--training_iterations", "20", "--eval_interval", "8", "--save_model_interval", "4", "--accum_steps", "2",
+            "--dropout", "0.2", "--num_workers", "1"]
+    training.main(tiny_args(city, tmp_path / "reference", *args))
+
+    run_dir = tmp_path / "killed"
+    process = start_training(tiny_args(city, run_dir, *args), tmp_path / "killed.log")
+    while not ((run_dir / "checkpoint.pt").exists() and records(run_dir)[0][-1]["step"] > 4):
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load(run_dir / "checkpoint.pt")["step"]
+    assert killed_at < records(run_dir)[0][-1]["step"] < 20 and not (run_dir / "unet_model.pth").exists()
+
+    resumed = subprocess.run([sys.executable, "training.py", "--resume", "auto", "--out_dir", str(run_dir)],
+                             cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = load(tmp_path / "reference" / "checkpoint.pt"), load(run_dir / "checkpoint.pt")
+    assert got["step"] == 20
+    for name, tensor in expected["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for index, state in expected["optimizer"]["state"].items():
+        assert all(torch.equal(got["optimizer"]["state"][index][k], v) for k, v in state.items())
+    expected_train, expected_evals = records(tmp_path / "reference")
+    got_train, got_evals = records(run_dir)
+    assert [r["step"] for r in got_train] == list(range(1, 21))  # what the kill left after the checkpoint is gone
+    assert [r["train_loss"] for r in got_train] == [r["train_loss"] for r in expected_train]
+    assert [(r["step"], r["miou"]) for r in got_evals] == [(r["step"], r["miou"]) for r in expected_evals]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(city, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(tiny_args(city, run_dir, "--training_iterations", "100000"), tmp_path / "log")
+    while not ((run_dir / "metrics.jsonl").exists() and len(records(run_dir)[0]) >= 2):
+        assert process.poll() is None, (tmp_path / "log").read_text()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == training.INTERRUPTED_EXIT_CODE
+    output = (tmp_path / "log").read_text()
+    assert "Traceback" not in output and "interrupted at step" in output
+    checkpoint = load(run_dir / "checkpoint.pt")
+    assert 2 <= checkpoint["step"] < 100000 and checkpoint["samples_seen"] == 2 * checkpoint["step"]
+    assert checkpoint["step"] == records(run_dir)[0][-1]["step"]
+
+
+def test_ddp_two_processes_train_like_one_with_the_same_global_batch(city, tmp_path):
+    """2 ranks x batch 2 x accum 1 vs 1 process x batch 2 x accum 2: rank r's micro-batch holds the images of
+    the single process's micro-batch r, so BatchNorm sees the same batches and the weights agree up to float
+    rounding. Running statistics differ by design (DDP keeps rank 0's), so only parameters are compared."""
+    args = ["--training_iterations", "4", "--dropout", "0", "--eval_interval", "2", "--save_model_interval", "100"]
+    training.main(tiny_args(city, tmp_path / "single", *args, "--accum_steps", "2"))
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "training.py", *tiny_args(city, tmp_path / "ddp", *args)],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single, parallel = load(tmp_path / "single" / "checkpoint.pt"), load(tmp_path / "ddp" / "checkpoint.pt")
+    parameters = dict(UNet(**single["model_config"]).named_parameters())
+    assert parallel["config"]["accum_steps"] == 1 and len(parallel["rng"]) == 2
+    for name in parameters:
+        assert torch.allclose(single["model"][name], parallel["model"][name], rtol=0, atol=1e-5), name
+    single_train, single_evals = records(tmp_path / "single")
+    ddp_train, ddp_evals = records(tmp_path / "ddp")
+    assert [r["step"] for r in ddp_train] == [1, 2, 3, 4]  # rank 0 logs alone
+    assert [r["train_loss"] for r in ddp_train] == pytest.approx([r["train_loss"] for r in single_train], rel=1e-5)
+    # the confusion matrices of the two val shards are summed: every labelled val pixel counted once
+    assert [r["val_pixels"] for r in ddp_evals] == [r["val_pixels"] for r in single_evals]
