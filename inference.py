@@ -520,7 +520,8 @@ def parse_args(argv=None):
     bare.add_argument("--base_channels", type=int)
     bare.add_argument("--depth", type=int)
     bare.add_argument("--bilinear", action=argparse.BooleanOptionalAction)
-    bare.add_argument("--classes", help="comma-separated class names (default: the 19 Cityscapes classes)")
+    bare.add_argument("--classes", nargs="+", help="Cityscapes class names in train-id order, as given to "
+                      "training.py (default: the 19 evaluation classes); quote names with spaces")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0 or args.writer_threads < 1:
         parser.error("--batch_size and --writer_threads must be >= 1, --num_workers >= 0")
@@ -545,9 +546,8 @@ def main(argv=None):
     args = parse_args(argv)
     fixed_sizes = dict(num_classes=args.num_classes, base_channels=args.base_channels, depth=args.depth,
                        bilinear=args.bilinear)
-    class_names = [name.strip() for name in args.classes.split(",")] if args.classes else None
     try:
-        checkpoint = load_checkpoint(args.checkpoint, fixed_sizes, class_names)
+        checkpoint = load_checkpoint(args.checkpoint, fixed_sizes, args.classes)
         return evaluate(args, checkpoint) if args.evaluate else predict(args, checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

@@ -294,7 +294,7 @@ def test_bare_state_dict_matches_the_full_checkpoint(tmp_path, depth, bilinear, 
     Image.fromarray(noise(np.random.default_rng(9), 24, 40)).save(images / "street.png")
     assert run("--checkpoint", full, "--input", images, "--output", tmp_path / "full") == 0
     size = f"{TRAINING_SIZE[0]}x{TRAINING_SIZE[1]}"
-    classes = [] if num_classes == 19 else ["--classes", ",".join(names)]
+    classes = [] if num_classes == 19 else ["--classes", *names]
     assert run("--checkpoint", bare, "--input", images, "--output", tmp_path / "bare", "--image_size", size,
                *classes) == 0
     for kind in ("mask.png", "color.png"):
