@@ -41,8 +41,17 @@ MAX_LABEL_ID = 33  # official labelIds PNGs hold ids 0..33 ('license plate' has 
 
 
 class DatasetError(ValueError):
-    """Bad input data. The one-line message names the file and the problem, and travels intact through
-    DataLoader worker re-raises (single-argument constructor)."""
+    """Bad input data; the one-line message names the file and the problem. The single-argument
+    constructor lets a DataLoader worker re-raise it in the main process (see one_line)."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's own message, for CLIs. A DataLoader worker's re-raise prefixes the message with the
+    worker's traceback, whose last line is "module.ErrorType: message"; that message is kept."""
+    message = str(error).strip()
+    if "Traceback (most recent call last)" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,14 @@ def parse_size(text: str) -> tuple[int, int]:
     if match is None or 0 in (int(match[1]), int(match[2])):
         raise ValueError(f"invalid size {text!r}: expected WIDTHxHEIGHT with positive integers, e.g. 512x256")
     return int(match[1]), int(match[2])
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """parse_size for argparse `type=`: its message reaches the user (argparse hides a ValueError's)."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _read_error(path, error: OSError) -> DatasetError:
@@ -340,12 +357,14 @@ class PrepareJob(NamedTuple):
     is_label: bool
 
 
-def _write_png_atomically(path: Path, pixels: np.ndarray):
-    """Write to a temp name in the same folder, then rename: an interrupted run never leaves a half PNG."""
+def write_image_atomically(path, pixels: np.ndarray, image_format="PNG", **save_options):
+    """Save with PIL to a temp name in the same folder, then rename: an interrupted run never leaves a
+    half-written file, and a symlink at `path` is replaced, never written through."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        Image.fromarray(pixels).save(temp_path, format="PNG")
+        Image.fromarray(pixels).save(temp_path, format=image_format, **save_options)
         os.replace(temp_path, path)
     finally:
         temp_path.unlink(missing_ok=True)
@@ -357,7 +376,7 @@ def prepare_file(job: PrepareJob, size: tuple[int, int]):
         pixels = resize_mask(read_mask(job.source), size).numpy()
     else:
         pixels = resize_image(read_image(job.source), size).permute(1, 2, 0).numpy()
-    _write_png_atomically(job.target, pixels)
+    write_image_atomically(job.target, pixels)
 
 
 def _is_prepared(path: Path, size: tuple[int, int]) -> bool:
@@ -421,14 +440,14 @@ def main(argv=None):
     prepare_parser = commands.add_parser("prepare", help="write a downscaled copy of a Cityscapes tree")
     prepare_parser.add_argument("--src", required=True, help="unzipped official release (leftImg8bit/, gtFine/)")
     prepare_parser.add_argument("--dst", required=True, help="output root, same layout")
-    prepare_parser.add_argument("--size", type=parse_size, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
+    prepare_parser.add_argument("--size", type=size_arg, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
     prepare_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth_parser = commands.add_parser("synth", help="write the synthetic Cityscapes-format city")
     synth_parser.add_argument("--out", default="Dataset/synthetic")
     synth_parser.add_argument("--train", type=int, required=True, help="number of train images")
     synth_parser.add_argument("--val", type=int, required=True, help="number of val images")
     synth_parser.add_argument("--test", type=int, default=0, help="number of (unlabelled) test images")
-    synth_parser.add_argument("--size", type=parse_size, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
+    synth_parser.add_argument("--size", type=size_arg, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
     synth_parser.add_argument("--seed", type=int, default=0)
     synth_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)

@@ -95,6 +95,11 @@ class ConfusionMatrix:
         }
 
 
+def finite_or_none(value):
+    """A score for JSON: undefined (NaN) becomes null, since JSON has no NaN."""
+    return None if math.isnan(value) else value
+
+
 def format_table(results, class_names):
     """Per-class IoU / Dice table plus the summary lines, for logs and the terminal."""
     if len(class_names) != len(results["iou"]):

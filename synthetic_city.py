@@ -26,6 +26,8 @@ from PIL import Image
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
+from dataset import write_image_atomically
+
 LABEL_ID = {c.name: c.id for c in Cityscapes.classes if c.id >= 0}
 ID_COLORS = np.zeros((256, 3), np.uint8)
 for _cls in Cityscapes.classes:
@@ -453,14 +455,6 @@ def sample_paths(root, split, index):
     return image, labels, color
 
 
-def _save_png(array, path):
-    """Write to a temporary name, then rename: an interrupted run never leaves half a PNG."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(array).save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
 def _write_sample(task):
     """Render and write one sample unless all its files exist; True when something was written."""
     root, split, index, width, height, seed = task
@@ -471,18 +465,33 @@ def _write_sample(task):
     image, labels = render_scene(rng, width, height)
     if split == "test":  # test labels are withheld, as in the official release: placeholders of 0 (unlabeled)
         labels = np.zeros_like(labels)
-    _save_png(labels, paths[1])
-    _save_png(np.dstack([ID_COLORS[labels], np.full_like(labels, 255)]), paths[2])  # RGBA like the release
-    _save_png(image, paths[0])  # last: an image on disk always has its labels
+    write_image_atomically(paths[1], labels)
+    write_image_atomically(paths[2], np.dstack([ID_COLORS[labels], np.full_like(labels, 255)]))  # RGBA, as released
+    write_image_atomically(paths[0], image)  # last: an image on disk always has its labels
     return True
+
+
+def settings_for(num_train, num_val, size=(512, 256), seed=0, num_test=0):
+    """What synthetic.json records: every argument that changes the files."""
+    width, height = (int(v) for v in size)
+    return {"generator": "synthetic_city", "format_version": FORMAT_VERSION, "size": [width, height],
+            "seed": int(seed), "num_train": int(num_train), "num_val": int(num_val), "num_test": int(num_test)}
+
+
+def read_settings(root):
+    """The settings a synthetic city at `root` was made with, or None when there is none."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _claim_folder(out_root, settings):
     """Write the manifest into a new folder, or check that an existing one was made with `settings`."""
     path = os.path.join(out_root, MANIFEST)
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
+    existing = read_settings(out_root)
+    if existing is not None:
         if existing != settings:
             differences = ", ".join(f"{key}={existing.get(key)} (asked {value})"
                                     for key, value in settings.items() if existing.get(key) != value)
@@ -513,9 +522,7 @@ def generate(out_root, num_train, num_val, size=(512, 256), seed=0, workers=None
             raise ValueError(f"number of {split} images must be an integer >= 0, got {count!r}")
     if width < 16 or height < 8:
         raise ValueError(f"size must be at least 16x8 pixels, got {width}x{height}")
-    settings = {"generator": "synthetic_city", "format_version": FORMAT_VERSION, "size": [width, height],
-                "seed": int(seed), "num_train": int(num_train), "num_val": int(num_val), "num_test": int(num_test)}
-    _claim_folder(out_root, settings)
+    _claim_folder(out_root, settings_for(num_train, num_val, size, seed, num_test))
     tasks = [(out_root, split, index, width, height, int(seed))
              for split, count in counts.items() for index in range(count)]
     workers = min(workers or os.cpu_count() or 1, max(len(tasks), 1))
