@@ -432,6 +432,7 @@ def synth(out, num_train, num_val, size, seed, workers, num_test):
     import synthetic_city
 
     synthetic_city.generate(out, num_train, num_val, size=size, seed=seed, workers=workers, num_test=num_test)
+    print(f"{out}: synthetic city of {num_train} train, {num_val} val, {num_test} test images at {size[0]}x{size[1]}")
 
 
 def main(argv=None):
@@ -443,12 +444,12 @@ def main(argv=None):
     prepare_parser.add_argument("--size", type=size_arg, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
     prepare_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth_parser = commands.add_parser("synth", help="write the synthetic Cityscapes-format city")
-    synth_parser.add_argument("--out", default="Dataset/synthetic")
+    synth_parser.add_argument("--out", default="Dataset/synthetic", help="output root (default Dataset/synthetic)")
     synth_parser.add_argument("--train", type=int, required=True, help="number of train images")
     synth_parser.add_argument("--val", type=int, required=True, help="number of val images")
     synth_parser.add_argument("--test", type=int, default=0, help="number of (unlabelled) test images")
     synth_parser.add_argument("--size", type=size_arg, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
-    synth_parser.add_argument("--seed", type=int, default=0)
+    synth_parser.add_argument("--seed", type=int, default=0, help="scenes are a pure function of it (default 0)")
     synth_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     try:

@@ -82,13 +82,15 @@ def plot_schedule(path, base_lr, min_lr, warmup_steps, decay_factor, total_steps
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot the learning-rate schedule used by training.py.")
+    parser = argparse.ArgumentParser(description="Plot the learning-rate schedule used by training.py (the "
+                                     "defaults are training.py's for Cityscapes).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--base_lr", type=float, default=1e-3, help="peak lr, reached at the end of warmup")
     parser.add_argument("--min_lr", type=float, default=1e-5, help="starting lr and floor of the decay")
-    parser.add_argument("--warmup_steps", type=int, default=500, help="optimizer steps of quadratic warmup")
-    parser.add_argument("--decay_factor", type=float, default=1e-3,
+    parser.add_argument("--warmup_steps", type=int, default=100, help="optimizer steps of quadratic warmup")
+    parser.add_argument("--decay_factor", type=float, default=3e-3,
                         help="per-step decay speed: lr halves 3/decay_factor steps after the peak")
-    parser.add_argument("--training_iterations", type=int, default=10000, help="optimizer steps to plot")
+    parser.add_argument("--training_iterations", type=int, default=1860, help="optimizer steps to plot")
     parser.add_argument("--out", default="lr_schedule.png", help="output PNG path")
     args = parser.parse_args(argv)
     try:

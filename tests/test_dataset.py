@@ -11,7 +11,8 @@ from PIL import Image
 
 import dataset
 from dataset import (IGNORE_INDEX, CityscapesDataset, ClassTable, DatasetError, colorize, denormalize,
-                     has_cityscapes, legend_image, overlay, parse_size, prepare, save_prediction_grid)
+                     has_cityscapes, legend_image, one_line, overlay, parse_size, prepare, save_prediction_grid,
+                     write_image_atomically)
 
 EVAL_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 VOID_LABEL_IDS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30]
@@ -301,6 +302,8 @@ def test_worker_error_carries_the_file_name(make_cityscapes):
     batches = iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
     with pytest.raises(DatasetError, match=broken.name) as error_info:
         next(batches)
+    assert "Traceback" in str(error_info.value)  # the worker's re-raise wraps the message ...
+    assert one_line(error_info.value) == f"{broken}: cannot read PNG (not an image file)"  # ... one_line unwraps it
     # DataLoader's re-raise leaves a reference cycle through these frames; without breaking it the workers
     # are shut down by the garbage collector after their queues are closed, which waits 5 s.
     traceback.clear_frames(error_info.tb)
@@ -322,6 +325,31 @@ def test_parse_size(text, size):
 def test_parse_size_rejects_bad_strings(text):
     with pytest.raises(ValueError, match=f"invalid size '{text}': expected WIDTHxHEIGHT"):
         parse_size(text)
+
+
+def test_size_flag_error_says_what_is_wrong(capsys):
+    with pytest.raises(SystemExit):
+        dataset.main(["synth", "--train", "1", "--val", "1", "--size", "0x3"])
+    assert "invalid size '0x3': expected WIDTHxHEIGHT with positive integers" in capsys.readouterr().err
+
+
+def test_one_line_keeps_plain_messages():
+    assert one_line(ValueError("  a.png: broken \n")) == "a.png: broken"
+
+
+def test_write_image_atomically_replaces_links_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "elsewhere.png"
+    target.write_bytes(b"precious")
+    link = tmp_path / "out" / "mask.png"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    pixels = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    write_image_atomically(link, pixels)
+    assert target.read_bytes() == b"precious" and not link.is_symlink()
+    assert np.array_equal(png(link), pixels)
+    with pytest.raises(KeyError):  # PIL's error for an unknown format: the save fails midway
+        write_image_atomically(tmp_path / "out" / "x.png", pixels, image_format="NOPE")
+    assert sorted(path.name for path in link.parent.iterdir()) == ["mask.png"]
 
 
 # --- prepare -----------------------------------------------------------------------------------------
@@ -407,6 +435,14 @@ def test_cli_synth_delegates_to_synthetic_city(monkeypatch):
     dataset.main(["synth", "--out", "somewhere", "--train", "3", "--val", "2", "--test", "1", "--size", "64x32",
                   "--seed", "5", "--workers", "1"])
     assert calls == [(("somewhere", 3, 2), {"size": (64, 32), "seed": 5, "workers": 1, "num_test": 1})]
+
+
+def test_cli_synth_writes_a_dataset_this_module_reads(tmp_path, capsys):
+    dataset.main(["synth", "--out", str(tmp_path / "city"), "--train", "2", "--val", "1", "--size", "64x32",
+                  "--workers", "1"])
+    assert "2 train, 1 val" in capsys.readouterr().out
+    images, masks = zip(*CityscapesDataset(tmp_path / "city", "train", image_size=(64, 32)))
+    assert len(images) == 2 and masks[0].shape == (32, 64) and (masks[0] == IGNORE_INDEX).any()  # ego band
 
 
 # --- visualisation -----------------------------------------------------------------------------------

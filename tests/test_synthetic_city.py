@@ -126,6 +126,10 @@ def test_rerun_skips_existing_files_and_resumes(tmp_path):
 def test_mismatched_arguments_or_foreign_folder_are_refused(tmp_path):
     root = tmp_path / "city"
     synthetic_city.generate(root, 2, 1, size=(64, 32), workers=1)
+    assert synthetic_city.read_settings(root) == {
+        "generator": "synthetic_city", "format_version": synthetic_city.FORMAT_VERSION, "size": [64, 32], "seed": 0,
+        "num_train": 2, "num_val": 1, "num_test": 0} == synthetic_city.settings_for(2, 1, size=(64, 32))
+    assert synthetic_city.read_settings(tmp_path / "nothing") is None
     before = all_files(root)
     for kwargs in (dict(size=(64, 32), seed=1), dict(size=(96, 48)), dict(size=(64, 32), num_test=1)):
         with pytest.raises(ValueError, match=r"synthetic\.json.*another output folder"):
