@@ -25,10 +25,12 @@ Decisions, and why:
   base names only (they cannot leave the output folder) and are written to a temporary file that
   is then renamed (a symlink in the output folder is replaced, never written through).
 - Bad files (corrupt, truncated, empty, not an image) get one warning line each; the rest are
-  still written, and the exit status is 1 if any input was skipped (2 for usage errors).
+  still written, and the exit status is 1 if any input was skipped (2 for usage errors). In folder
+  mode, files without an image extension (notes.txt, readme.md) are not inputs: they are listed in
+  the final summary line instead, so a photo saved with an odd extension is not missed silently.
 - Speed: DataLoader workers decode and resize, the main process runs batches of same-sized
-  inputs under inference_mode (bf16 autocast and channels_last on CUDA), and a thread pool encodes
-  the PNG/JPEG outputs while the next batch runs.
+  inputs under inference_mode (channels_last with BatchNorm folded into the convs; bf16 autocast on
+  CUDA), and a thread pool encodes the PNG/JPEG outputs while the next batch runs.
 - Evaluation scores at the full label resolution (logits upsampled to each label map), the official
   protocol. --save_label_ids writes OUTPUT/label_ids/{city}_{seq}_{frame}_leftImg8bit.png: the
   official script finds a prediction by the pattern {city}_{seq}_{frame}*.png under one folder, so
@@ -40,7 +42,6 @@ Decisions, and why:
 import argparse
 import glob
 import json
-import math
 import os
 import pickle
 import sys
@@ -56,9 +57,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import (MEAN, STD, CityscapesDataset, ClassTable, colorize, overlay, parse_size, read_mask,
-                     resize_image)
-from metrics import ConfusionMatrix, format_table, plot_confusion_matrix
+from dataset import (MEAN, STD, CityscapesDataset, ClassTable, colorize, one_line, overlay, read_mask, resize_image,
+                     size_arg, write_image_atomically)
+from metrics import ConfusionMatrix, finite_or_none, format_table, plot_confusion_matrix
 from training import resolve_amp_dtype, resolve_device
 from unet import UNet
 
@@ -89,14 +90,17 @@ def read_checkpoint(path):
                                 f"`python training.py` (or pass --checkpoint PATH)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
-                      str(exc).splitlines()[0])
-        raise ValueError(f"refused to load checkpoint {path}: it holds objects other than tensors and "
-                         f"plain containers, and unpickling them could run code ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"checkpoint {path} is not a readable PyTorch file ({first_line})") from None
+    # A file that is not a checkpoint (notes, an image, a truncated download) fails in whatever part
+    # of torch.load meets it first: IndexError, KeyError, EOFError, RuntimeError, UnpicklingError, ...
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # the weights_only unpickler's own reason ("Unsupported operand 0"), not its generic advice
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(exc).__name__)
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in reason:
+            raise ValueError(f"refused to load checkpoint {path}: it holds objects other than tensors and "
+                             f"plain containers, and unpickling them could run code ({reason})") from None
+        problem = "is empty" if path.stat().st_size == 0 else f"is not a PyTorch checkpoint (torch.load: {reason})"
+        raise ValueError(f"checkpoint {path} {problem}") from None
 
 
 def infer_unet_config(state_dict, fixed):
@@ -234,23 +238,24 @@ def collate_decoded(samples):
 
 
 def find_images(spec):
-    """A folder (its image files by extension; not recursive, hidden files skipped), one file (any
-    name), or a glob (every file it matches)."""
+    """(inputs, other files): a folder gives its image files by extension (not recursive, hidden
+    files skipped) and, as other files, the rest, to be reported; one file (any name) or a glob
+    (every file it matches) gives no other files."""
     path = Path(spec)
     if path.is_dir():
-        paths = [file for file in path.iterdir() if file.is_file() and not file.name.startswith(".")
-                 and file.suffix.lower() in IMAGE_SUFFIXES]
+        files = [file for file in path.iterdir() if file.is_file() and not file.name.startswith(".")]
+        paths = [file for file in files if file.suffix.lower() in IMAGE_SUFFIXES]
         if not paths:
             raise FileNotFoundError(f"no images in {path} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})")
-    elif path.is_file():
-        paths = [path]
-    elif any(char in spec for char in "*?["):
+        return sorted(paths), sorted(file for file in files if file.suffix.lower() not in IMAGE_SUFFIXES)
+    if path.is_file():
+        return [path], []
+    if any(char in spec for char in "*?["):
         paths = [Path(match) for match in glob.glob(spec, recursive=True) if Path(match).is_file()]
         if not paths:
             raise FileNotFoundError(f"no files match {spec}")
-    else:
-        raise FileNotFoundError(f"input {spec} does not exist")
-    return sorted(paths)
+        return sorted(paths), []
+    raise FileNotFoundError(f"input {spec} does not exist")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -282,19 +287,29 @@ def check_output_folder(paths, output_dir):
                              f"--output so your images are never mixed with or overwritten by predictions")
 
 
-def save_image(array, path, image_format, **params):
-    """Write through a temporary name and rename, so an interrupted run leaves no half-written file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(temporary, format=image_format, **params)
-    os.replace(temporary, path)
+def make_output_folder(output_dir):
+    """mkdir -p, with a clear message for the likely mistake of naming an existing file."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} is an existing file, not a folder: choose another --output")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def summary_line(num_written, num_skipped, not_images, output_dir):
+    """The run's last line, e.g. `3 written, 1 skipped, 2 not images (notes.txt, readme.md) -> out`:
+    the note a folder's non-image files get (at most five names, so it stays one line)."""
+    line = f"{num_written} written, {num_skipped} skipped"
+    if not_images:
+        names = ", ".join(path.name for path in not_images[:5]) + (", ..." if len(not_images) > 5 else "")
+        line += f", {len(not_images)} {'not an image' if len(not_images) == 1 else 'not images'} ({names})"
+    return f"{line} -> {output_dir}"
 
 
 def write_prediction(photo, mask, output_dir, name, class_table, mask_values, alpha):
     """NAME_mask.png (train ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg."""
-    save_image(mask_values[mask], output_dir / f"{name}_mask.png", "PNG")
-    save_image(colorize(mask, class_table.colors), output_dir / f"{name}_color.png", "PNG")
-    save_image(overlay(photo, mask, class_table.colors, alpha), output_dir / f"{name}_overlay.jpg", "JPEG",
-               quality=90)
+    write_image_atomically(output_dir / f"{name}_mask.png", mask_values[mask])
+    write_image_atomically(output_dir / f"{name}_color.png", colorize(mask, class_table.colors))
+    write_image_atomically(output_dir / f"{name}_overlay.jpg", overlay(photo, mask, class_table.colors, alpha),
+                           "JPEG", quality=90)
 
 
 def train_to_label_ids(class_table):
@@ -306,18 +321,36 @@ def train_to_label_ids(class_table):
 
 # ----------------------------------------------------------------------------- model
 
-def use_channels_last(choice, device):
-    """auto: on for CUDA (cuDNN's fastest conv kernels are NHWC), off on CPU."""
-    return device.type == "cuda" if choice == "auto" else choice == "on"
+def use_channels_last(choice):
+    """auto: on. NHWC is cuDNN's fastest conv layout on GPUs and oneDNN's for inference on CPUs
+    (1.22-1.29x over NCHW for the classic U-Net at 512x256, bench/README.md); training on CPU is
+    the exception, which is why training.py decides on its own."""
+    return choice != "off"
 
 
-def prepare_model(model, device, channels_last):
-    model = model.to(device)
+def fold_batchnorm(model):
+    """Fold every eval-mode BatchNorm into the conv before it (in place): the same function with
+    one pass over the feature map fewer per conv, ~1.05x faster inference (bench/README.md)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential):
+            for index in range(len(module) - 1):
+                conv, norm = module[index], module[index + 1]
+                if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d):
+                    module[index] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+                    module[index + 1] = torch.nn.Identity()
+    return model
+
+
+def prepare_model(model, device, channels_last, fold_bn=True):
+    """The model as inference runs it; fold_bn=False keeps the trained graph (bench/layout.py times both)."""
+    model = model.eval().to(device)
+    if fold_bn:
+        model = fold_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has the same input size
-    return model.eval()
+    return model
 
 
 def run_model(model, inputs, device, amp_dtype, channels_last):
@@ -356,15 +389,15 @@ def predict(args, checkpoint):
     """Segment every input; returns the exit status (0, or 1 when some input was skipped)."""
     device = resolve_device(args.device, local_rank=0)
     amp_dtype = resolve_amp_dtype(args.amp, device)
-    paths = find_images(args.input)
+    paths, not_images = find_images(args.input)
     output_dir = Path(args.output)
     check_output_folder(paths, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output_dir)
     names = output_names(paths)
     image_size = args.image_size or checkpoint.image_size
     class_table = checkpoint.class_table
     mask_values = train_to_label_ids(class_table) if args.label_ids else np.arange(256, dtype=np.uint8)
-    channels_last = use_channels_last(args.channels_last, device)
+    channels_last = use_channels_last(args.channels_last)
     model = prepare_model(checkpoint.model, device, channels_last)
     loader = DataLoader(ImageFiles(paths, image_size, checkpoint.mean, checkpoint.std),
                         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_decoded,
@@ -383,7 +416,8 @@ def predict(args, checkpoint):
         except OSError as exc:
             skip(index, f"could not write its outputs ({exc})")
 
-    progress = tqdm(total=len(paths), unit="img", desc="segmenting", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal, so a log holds the warnings as plain lines
+    progress = tqdm(total=len(paths), unit="img", desc="segmenting", dynamic_ncols=True, disable=None)
     with ThreadPoolExecutor(max_workers=args.writer_threads) as writer:
         for batch in loader:
             for index, reason in batch["failures"]:
@@ -400,7 +434,7 @@ def predict(args, checkpoint):
         for job in pending:
             finish(job)
     progress.close()
-    print(f"{len(paths) - len(skipped)} written, {len(skipped)} skipped -> {output_dir}")
+    print(summary_line(len(paths) - len(skipped), len(skipped), not_images, output_dir))
     return 1 if skipped else 0
 
 
@@ -429,17 +463,13 @@ def collate_full_resolution(samples):
 
 def report_dict(results, matrix, class_names, args, num_images):
     """JSON-ready summary; undefined scores (NaN) become null."""
-
-    def number(value):
-        return None if math.isnan(value) else value
-
     return {
         "checkpoint": str(args.checkpoint),
         "data_root": str(args.data_root),
         "split": args.split,
         "num_images": num_images,
-        **{key: number(results[key]) for key in ("miou", "fwiou", "pixel_acc", "mean_acc")},
-        "per_class": {name: {"iou": number(iou), "dice": number(dice)}
+        **{key: finite_or_none(results[key]) for key in ("miou", "fwiou", "pixel_acc", "mean_acc")},
+        "per_class": {name: {"iou": finite_or_none(iou), "dice": finite_or_none(dice)}
                       for name, iou, dice in zip(class_names, results["iou"].tolist(), results["dice"].tolist())},
         "confusion_matrix": matrix.tolist(),
     }
@@ -457,25 +487,24 @@ def evaluate(args, checkpoint):
         raise ValueError(f"split {args.split} of {args.data_root} has no labels to evaluate against")
     output_dir = Path(args.output)
     label_id_dir = output_dir / "label_ids"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.save_label_ids:
-        label_id_dir.mkdir(exist_ok=True)
+    make_output_folder(output_dir)
     label_lut = torch.from_numpy(train_to_label_ids(class_table))
     device = resolve_device(args.device, local_rank=0)
     amp_dtype = resolve_amp_dtype(args.amp, device)
-    channels_last = use_channels_last(args.channels_last, device)
+    channels_last = use_channels_last(args.channels_last)
     model = prepare_model(checkpoint.model, device, channels_last)
     loader = DataLoader(FullResolutionTargets(dataset), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate_full_resolution, pin_memory=device.type == "cuda")
     confusion = ConfusionMatrix(class_table.num_classes, device=device)
-    for indices, images, targets in tqdm(loader, desc=f"evaluating {args.split}", unit="batch", dynamic_ncols=True):
+    batches = tqdm(loader, desc=f"evaluating {args.split}", unit="batch", dynamic_ncols=True, disable=None)
+    for indices, images, targets in batches:
         logits = run_model(model, images, device, amp_dtype, channels_last)
         for index, image_logits, target in zip(indices, logits, targets):
             pred = upsample_argmax(image_logits, target.shape)
             confusion.update(pred[None], target.to(device, non_blocking=True)[None])
             if args.save_label_ids:
                 image_name = dataset.samples[index][0].name
-                save_image(label_lut[pred.cpu()].numpy(), label_id_dir / image_name, "PNG")
+                write_image_atomically(label_id_dir / image_name, label_lut[pred.cpu()].numpy())
     results = confusion.compute()
     print(format_table(results, class_table.names))
     report = report_dict(results, confusion.matrix, class_table.names, args, len(dataset))
@@ -488,40 +517,57 @@ def evaluate(args, checkpoint):
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None):
+def build_parser():
+    """Every flag's help ends with its default, or with what happens when the flag is not given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="training.py checkpoint or a bare state_dict")
-    parser.add_argument("--input", default=DEFAULT_INPUT, help="a folder, one image file, or a glob in quotes")
-    parser.add_argument("--output", help=f"output folder (default {DEFAULT_OUTPUT}; {DEFAULT_EVAL_OUTPUT} "
-                                          f"with --evaluate); created if missing")
-    parser.add_argument("--image_size", type=parse_size, help="model input WxH (default: the training size)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                        help="training.py checkpoint or a bare state_dict (default: %(default)s)")
+    parser.add_argument("--input", default=DEFAULT_INPUT,
+                        help="a folder, one image file, or a glob in quotes (default: %(default)s)")
+    parser.add_argument("--output", help=f"output folder, created if missing (default: {DEFAULT_OUTPUT}; "
+                                          f"{DEFAULT_EVAL_OUTPUT} with --evaluate)")
+    parser.add_argument("--image_size", type=size_arg,
+                        help="model input WxH (default: the training size the checkpoint records)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                        help="autocast dtype (auto: bf16/fp16 on CUDA, off on CPU)")
+                        help="autocast dtype; auto: bf16/fp16 on CUDA, off on CPU (default: %(default)s)")
     parser.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
-                        help="NHWC memory format (auto: on for CUDA)")
+                        help="NHWC memory format; auto: on, fastest on GPUs and, for inference, on CPUs "
+                             "(default: %(default)s)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader processes that decode and resize")
+                        help="DataLoader processes that decode and resize (default: %(default)s)")
     parser.add_argument("--writer_threads", type=int, default=min(4, os.cpu_count() or 1),
-                        help="threads that encode and write the output images")
+                        help="threads that encode and write the output images (default: %(default)s)")
     parser.add_argument("--label_ids", action="store_true",
-                        help="masks hold Cityscapes label ids (official format) instead of train ids")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the palette in the overlay")
+                        help="masks hold Cityscapes label ids (official format) instead of train ids (default: "
+                             "train ids)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="opacity of the palette in the overlay (default: %(default)s)")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--evaluate", action="store_true", help="score the checkpoint on --data_root/--split")
-    evaluation.add_argument("--data_root", help="Cityscapes-layout root (leftImg8bit/, gtFine/)")
-    evaluation.add_argument("--split", default="val", help="a labelled split: val (default) or train")
+    evaluation.add_argument("--evaluate", action="store_true",
+                            help="score the checkpoint on --data_root/--split (default: segment --input)")
+    evaluation.add_argument("--data_root", help="Cityscapes-layout root with leftImg8bit/ and gtFine/ "
+                                                "(required with --evaluate)")
+    evaluation.add_argument("--split", default="val", help="a labelled split: val or train (default: %(default)s)")
     evaluation.add_argument("--save_label_ids", action="store_true",
-                            help="also write full-resolution label-id PNGs for cityscapesscripts "
-                                 "to OUTPUT/label_ids")
+                            help="also write full-resolution label-id PNGs for cityscapesscripts to "
+                                 "OUTPUT/label_ids (default: off)")
     bare = parser.add_argument_group("bare state_dict checkpoints (only needed where the shapes cannot tell)")
-    bare.add_argument("--num_classes", type=int)
-    bare.add_argument("--base_channels", type=int)
-    bare.add_argument("--depth", type=int)
-    bare.add_argument("--bilinear", action=argparse.BooleanOptionalAction)
+    bare.add_argument("--num_classes", type=int,
+                      help="classes the head predicts (default: read from the head's weights)")
+    bare.add_argument("--base_channels", type=int,
+                      help="channels of the first conv (default: read from its weights)")
+    bare.add_argument("--depth", type=int, help="down-sampling steps (default: the one whose shapes match)")
+    bare.add_argument("--bilinear", action=argparse.BooleanOptionalAction,
+                      help="bilinear upsampling instead of transposed convs (default: the one whose shapes match)")
     bare.add_argument("--classes", nargs="+", help="Cityscapes class names in train-id order, as given to "
-                      "training.py (default: the 19 evaluation classes); quote names with spaces")
+                      "training.py; quote names with spaces (default: the 19 evaluation classes)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0 or args.writer_threads < 1:
         parser.error("--batch_size and --writer_threads must be >= 1, --num_workers >= 0")
@@ -533,15 +579,6 @@ def parse_args(argv=None):
     return args
 
 
-def one_line(exc):
-    """The message alone: a DataLoader worker's re-raise wraps it in the worker's traceback, whose
-    last line is "module.ErrorType: message"."""
-    message = str(exc).strip()
-    if "Traceback" in message:
-        return message.splitlines()[-1].split(": ", 1)[-1]
-    return message
-
-
 def main(argv=None):
     args = parse_args(argv)
     fixed_sizes = dict(num_classes=args.num_classes, base_channels=args.base_channels, depth=args.depth,
@@ -549,7 +586,7 @@ def main(argv=None):
     try:
         checkpoint = load_checkpoint(args.checkpoint, fixed_sizes, args.classes)
         return evaluate(args, checkpoint) if args.evaluate else predict(args, checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError: an --output that cannot be created or written
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
