@@ -35,11 +35,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 import synthetic_city
-from dataset import (IGNORE_INDEX, MEAN, STD, CityscapesDataset, denormalize, has_cityscapes, parse_size,
+from dataset import (IGNORE_INDEX, MEAN, STD, CityscapesDataset, denormalize, has_cityscapes, one_line, parse_size,
                      save_prediction_grid)
 from losses import CEDiceLoss
 from lr_schedule import WarmupInverseSqrtLR
-from metrics import ConfusionMatrix, format_table, plot_confusion_matrix
+from metrics import ConfusionMatrix, finite_or_none, format_table, plot_confusion_matrix
 from unet import UNet
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,7 +49,7 @@ INTERRUPTED_EXIT_CODE = 130
 
 # Real Cityscapes: the seed's run, the classic U-Net at 512x256 for ~10 epochs of the 2975 train images.
 DEFAULTS = dict(
-    dataset="auto", data_root="Dataset/cityscapes", classes=None, image_size="512x256",
+    dataset="auto", data_root="Dataset/cityscapes", classes=None, image_size="512x256", train_id_files=False,
     synthetic_train=300, synthetic_val=60,
     base_channels=64, depth=4, dropout=0.1, bilinear=False, sync_bn=False,
     ce_weight=1.0, dice_weight=1.0,
@@ -69,9 +69,9 @@ DEFAULTS = dict(
 SYNTHETIC_DEMO = dict(
     data_root="Dataset/synthetic", image_size="128x64",
     base_channels=16, depth=3, scale_range=[0.75, 1.5],
-    batch_size=8, accum_steps=1, training_iterations=800,
+    batch_size=8, accum_steps=1, training_iterations=1200,
     base_lr=3e-3, warmup_steps=50, decay_factor=2e-3,
-    eval_interval=200, save_model_interval=200, num_workers=1,
+    eval_interval=300, save_model_interval=300, num_workers=1,
 )
 # The synthetic city is data, not a training choice: the same scenes whatever --seed is.
 SYNTHETIC_SEED = 0
@@ -84,8 +84,9 @@ def build_parser():
     def flag(group, name, help, **kwargs):
         key = name[2:]
         if "default:" not in help:
-            demo = f"; synthetic demo: {SYNTHETIC_DEMO[key]}" if key in SYNTHETIC_DEMO else ""
-            help = f"{help} (default: {DEFAULTS[key]}{demo})"
+            demo = SYNTHETIC_DEMO.get(key, DEFAULTS[key])
+            demo_note = f"; synthetic demo: {demo}" if demo != DEFAULTS[key] else ""
+            help = f"{help} (default: {DEFAULTS[key]}{demo_note})"
         group.add_argument(name, default=None, help=help, **kwargs)
 
     switch = dict(action=argparse.BooleanOptionalAction)
@@ -93,10 +94,12 @@ def build_parser():
     flag(data, "--dataset", "cityscapes, synthetic, or auto: Cityscapes when found at --data_root, else the "
          "synthetic city", choices=["auto", "cityscapes", "synthetic"])
     flag(data, "--data_root", "dataset root in the official Cityscapes layout; given explicitly it must hold "
-         "Cityscapes (or, with --dataset synthetic, the synthetic city, which is generated there if absent)")
+         "Cityscapes or a synthetic city (with --dataset synthetic, one is generated there if absent)")
     flag(data, "--classes", "Cityscapes class names to train, in train-id order; quote names with spaces, e.g. "
          "--classes road sidewalk \"traffic light\" (default: the 19 evaluation classes)", nargs="+")
     flag(data, "--image_size", "training and evaluation size WIDTHxHEIGHT")
+    flag(data, "--train_id_files", "read the official pre-made _gtFine_labelTrainIds.png masks instead of mapping "
+         "the _labelIds.png ones; default classes only", **switch)
     flag(data, "--synthetic_train", "train images to generate for the synthetic city", type=int)
     flag(data, "--synthetic_val", "val images to generate for the synthetic city", type=int)
     flag(data, "--scale_range", "augmentation: random scale range, then a random crop", type=float, nargs=2)
@@ -132,7 +135,8 @@ def build_parser():
     flag(evaluation, "--model_path", "where the best weights go, in the format inference.py reads")
     flag(evaluation, "--resume", "continue from a training checkpoint: a path, or auto = <out_dir>/checkpoint.pt "
          "when --out_dir is given, else the newest runs/*/checkpoint.pt (a new run when there is none). Its "
-         "config is reused; flags given now override it (default: a new run)")
+         "config is reused; flags given now override it, e.g. a higher --training_iterations continues a finished "
+         "run, which is otherwise left as it is (default: a new run)")
     system = parser.add_argument_group("system and speed")
     flag(system, "--num_workers", "DataLoader worker processes", type=int)
     flag(system, "--device", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
@@ -176,7 +180,10 @@ def read_training_checkpoint(path):
 
 
 def resolve_dataset(dataset, data_root):
-    """(kind, root): an explicit --data_root or --dataset cityscapes must find Cityscapes, never falls back."""
+    """(kind, root): an explicit --data_root or --dataset cityscapes must find its data, never falls back.
+    A synthetic city has the Cityscapes layout too; auto tells it by its manifest and trains the demo on it."""
+    if dataset == "auto" and data_root and synthetic_city.read_settings(data_root) is not None:
+        return "synthetic", data_root
     if dataset in ("auto", "cityscapes"):
         root = data_root or DEFAULTS["data_root"]
         if has_cityscapes(root):
@@ -196,7 +203,8 @@ def resolve_config(args):
     resume_path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"))
     if resume_path:
         checkpoint = read_training_checkpoint(resume_path)
-        config = {**checkpoint["config"], "out_dir": str(Path(resume_path).parent), **given, "resume": resume_path}
+        config = {**DEFAULTS, **checkpoint["config"], "out_dir": str(Path(resume_path).parent), **given,
+                  "resume": resume_path}
     else:
         checkpoint = None
         kind, root = resolve_dataset(given.get("dataset", "auto"), given.get("data_root"))
@@ -204,10 +212,23 @@ def resolve_config(args):
                   "dataset": kind, "data_root": root, "resume": None}
         config["out_dir"] = config["out_dir"] or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     parse_size(config["image_size"])
-    for key in ("batch_size", "accum_steps", "training_iterations", "eval_interval", "save_model_interval",
-                "log_interval", "base_channels", "depth", "max_nonfinite_steps"):
-        if config[key] < 1:
-            raise ValueError(f"--{key} must be >= 1, got {config[key]}")
+    low, high = config["scale_range"]
+    rules = [  # (flag, valid, what it must be), stated positively so that NaN, false in any comparison, fails
+        *((key, config[key] >= 1, ">= 1") for key in ("batch_size", "accum_steps", "training_iterations",
+                                                      "eval_interval", "save_model_interval", "log_interval",
+                                                      "base_channels", "depth", "max_nonfinite_steps")),
+        # a negative --grad_clip would flip the gradients' sign
+        *((key, config[key] >= 0, ">= 0") for key in ("grad_clip", "eval_iterations", "weight_decay", "color_jitter",
+                                                      "num_workers")),
+        ("dropout", 0 <= config["dropout"] < 1, "in [0, 1)"),
+        ("hflip_prob", 0 <= config["hflip_prob"] <= 1, "in [0, 1]"),
+        ("base_lr", config["base_lr"] > 0, "> 0"),
+        ("min_lr", 0 <= config["min_lr"] <= config["base_lr"], f"in [0, --base_lr {config['base_lr']}]"),
+        ("scale_range", 0 < low <= high, "LOW HIGH with 0 < LOW <= HIGH"),
+    ]
+    for key, valid, expected in rules:
+        if not valid:
+            raise ValueError(f"--{key} must be {expected}, got {config[key]}")
     return config, checkpoint
 
 
@@ -266,19 +287,31 @@ def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def prepare_synthetic_city(root, num_train, num_val, size):
+    """Generate the synthetic city at root, or finish an interrupted generation (a no-op when complete).
+    A city made with other settings, e.g. by `dataset.py synth`, is the user's data: used as it is."""
+    made_with = synthetic_city.read_settings(root)
+    if made_with in (None, synthetic_city.settings_for(num_train, num_val, size, SYNTHETIC_SEED)):
+        synthetic_city.generate(root, num_train, num_val, size=size, seed=SYNTHETIC_SEED)
+    else:
+        width, height = made_with["size"]
+        print(f"{root}: using the synthetic city there as it is ({width}x{height}, {made_with['num_train']} train "
+              f"and {made_with['num_val']} val images); --synthetic_train and --synthetic_val apply to new cities")
+
+
 def build_data(config, rank, world_size, device, start_step):
     """Train loader (the seeded global stream from start_step on), this rank's val loader, snapshot images."""
     root, size = config["data_root"], parse_size(config["image_size"])
     if config["dataset"] == "synthetic":
-        if rank == 0:  # idempotent: draws only what is missing, refuses a folder made with other settings
-            synthetic_city.generate(root, config["synthetic_train"], config["synthetic_val"], size=size,
-                                    seed=SYNTHETIC_SEED)
+        if rank == 0:
+            prepare_synthetic_city(root, config["synthetic_train"], config["synthetic_val"], size)
         if world_size > 1:
             dist.barrier()
     train_set = CityscapesDataset(root, "train", size, config["classes"], augment=True,
+                                  use_train_id_files=config["train_id_files"],
                                   scale_range=tuple(config["scale_range"]), hflip_prob=config["hflip_prob"],
                                   color_jitter=config["color_jitter"])
-    val_set = CityscapesDataset(root, "val", size, config["classes"])
+    val_set = CityscapesDataset(root, "val", size, config["classes"], use_train_id_files=config["train_id_files"])
     global_batch = config["batch_size"] * config["accum_steps"] * world_size
     sampler = GlobalBatchSampler(len(train_set), config["seed"], rank, world_size,
                                  config["batch_size"] * config["accum_steps"], start=start_step * global_batch)
@@ -492,26 +525,24 @@ def read_records(run_dir):
 
 
 def eval_record(step, val_loss, results, class_names, val_pixels, final=False):
-    def number(value):
-        return None if math.isnan(value) else value
-
-    return {"step": step, "val_loss": val_loss, "miou": number(results["miou"]), "fwiou": number(results["fwiou"]),
-            "pixel_acc": number(results["pixel_acc"]), "mean_acc": number(results["mean_acc"]),
-            "per_class_iou": {name: number(iou) for name, iou in zip(class_names, results["iou"].tolist())},
+    scores = {key: finite_or_none(results[key]) for key in ("miou", "fwiou", "pixel_acc", "mean_acc")}
+    return {"step": step, "val_loss": finite_or_none(val_loss), **scores,
+            "per_class_iou": {name: finite_or_none(iou) for name, iou in zip(class_names, results["iou"].tolist())},
             "val_pixels": val_pixels, "final": final}
 
 
 def plot_run(run_dir, class_names, confusion):
-    """training_curves.png (losses, val mIoU, lr), per_class_iou.png (final eval), confusion_matrix.png."""
+    """training_curves.png (losses, val mIoU, lr), per_class_iou.png (final eval), confusion_matrix.png.
+    Every point gets a marker, so a run with a single log point still shows it."""
     records = read_records(run_dir)
     train = [r for r in records if "train_loss" in r]
     evals = [r for r in records if "miou" in r]
     figure = Figure(figsize=(15, 4), layout="constrained")
     loss_ax, miou_ax, lr_ax = figure.subplots(1, 3)
-    loss_ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train")
+    loss_ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], ".-", label="train")
     loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
     miou_ax.plot([r["step"] for r in evals], [r["miou"] for r in evals], "o-")
-    lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train])
+    lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], ".-")
     for axis, title in ((loss_ax, "loss"), (miou_ax, "val mIoU"), (lr_ax, "learning rate")):
         axis.set(xlabel="optimizer step", title=title)
     loss_ax.legend()
@@ -519,7 +550,11 @@ def plot_run(run_dir, class_names, confusion):
     ious = [evals[-1]["per_class_iou"][name] for name in class_names]
     figure = Figure(figsize=(8, 1 + 0.3 * len(class_names)), layout="constrained")
     axis = figure.subplots()
-    axis.barh(class_names, [0 if iou is None else iou for iou in ious])
+    bars = axis.barh(class_names, [0 if iou is None else iou for iou in ious])
+    for bar, iou in zip(bars, ious):
+        if iou is None:  # no pixel of the class in ground truth or prediction: undefined, not 0
+            bar.set(width=1, facecolor="none", edgecolor="grey", hatch="//")
+    axis.bar_label(bars, ["n/a" if iou is None else "" for iou in ious], label_type="center")
     axis.set(xlim=(0, 1), xlabel="IoU", title=f"per-class IoU at step {evals[-1]['step']}")
     axis.invert_yaxis()
     figure.savefig(run_dir / "per_class_iou.png", dpi=100)
@@ -584,7 +619,10 @@ def train(config, checkpoint, rank, world_size, local_rank):
             log_record(run_dir, record)
             save_snapshot(model, snapshot, class_table, run_dir / "snapshots" / f"step_{step:06d}.png", device,
                           autocast, memory_format)
-            if results["miou"] > progress["best_miou"]:
+            # the first evaluation always saves (its mIoU is NaN when no val pixel is labelled); any later one
+            # replaces an undefined best
+            best_miou = progress["best_miou"]
+            if progress["best_step"] is None or results["miou"] > best_miou or math.isnan(best_miou):
                 progress.update(best_miou=results["miou"], best_step=step)
                 atomic_save(inference_checkpoint(raw_model, config, class_table.names), run_dir / BEST_MODEL)
             tqdm.write(f"step {step}: val loss {val_loss:.4f}, mIoU {results['miou']:.4f}, "
@@ -599,6 +637,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
                         progress, rank, world_size)
 
     if rank == 0:
+        Path(config["model_path"]).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after training
         print(json.dumps(config, indent=2))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "snapshots").mkdir(exist_ok=True)
@@ -650,7 +689,8 @@ def train(config, checkpoint, rank, world_size, local_rank):
                 run_eval(step, config["eval_iterations"])
             if step % config["save_model_interval"] == 0 and step < total_steps:
                 checkpoint_now(step)
-            if stop.agreed(device):
+            # a checkpoint at the last step would read as a finished run (see main): the last step just finishes
+            if step < total_steps and stop.agreed(device):
                 checkpoint_now(step)
                 if rank == 0:
                     print(f"interrupted at step {step}; checkpoint saved to {run_dir / CHECKPOINT}; continue with "
@@ -674,6 +714,13 @@ def train(config, checkpoint, rank, world_size, local_rank):
               f"val mIoU {progress['best_miou']:.4f}) saved to {config['model_path']}; run folder {run_dir}")
 
 
+def error_line(error):
+    """`file: problem` for the user; an OSError's own text puts the file last ("[Errno 17] File exists: 'x'")."""
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return one_line(error)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -681,9 +728,13 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints; errors still reach stderr
     try:
         config, checkpoint = resolve_config(args)
+        if checkpoint and checkpoint["step"] >= config["training_iterations"]:
+            print(f"{config['resume']}: already complete ({checkpoint['step']} steps); raise --training_iterations "
+                  f"to train further")
+            return
         train(config, checkpoint, rank, world_size, int(os.environ.get("LOCAL_RANK", 0)))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad data, flags or paths, also when a DataLoader worker hit it
+        print(f"error: {error_line(error)}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as error:
         sys.exit(f"error: {error}")

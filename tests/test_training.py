@@ -1,5 +1,6 @@
 """training.py end to end on tiny models: files and values a run leaves, exact resume after SIGKILL,
-Ctrl-C, non-finite steps, gradient accumulation, and DDP (2 CPU processes, gloo) against 1 process."""
+Ctrl-C, non-finite steps, gradient accumulation, DDP (2 CPU processes, gloo) against 1 process, and
+one-line errors for bad flags, paths and data files."""
 import contextlib
 import copy
 import json
@@ -10,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
+import synthetic_city
 import training
 from losses import CEDiceLoss
 from lr_schedule import lr_at
@@ -65,6 +69,8 @@ def test_help_documents_every_flag_with_its_default(capsys):
         assert f"--{key}" in help_text
     assert help_text.count("(default:") >= len(training.DEFAULTS)
     assert "(default: 64; synthetic demo: 16)" in help_text  # --base_channels
+    assert "images per micro-batch and process (default: 8)" in help_text  # the demo's value is the same
+    assert "synthetic demo: 8)" not in help_text
 
 
 def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -82,6 +88,53 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and error.startswith("error: ") and named in error
     assert sorted(os.listdir(tmp_path)) == ["empty", "junk.pt"]  # nothing generated, no run folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad_clip", "-1"], "--grad_clip must be >= 0, got -1.0"),
+    (["--grad_clip", "nan"], "--grad_clip must be >= 0, got nan"),
+    (["--eval_iterations", "-1"], "--eval_iterations must be >= 0, got -1"),
+    (["--weight_decay", "-0.01"], "--weight_decay must be >= 0, got -0.01"),
+    (["--color_jitter", "-0.2"], "--color_jitter must be >= 0, got -0.2"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--hflip_prob", "1.5"], "--hflip_prob must be in [0, 1], got 1.5"),
+    (["--base_lr", "0"], "--base_lr must be > 0, got 0.0"),
+    (["--min_lr", "0.01"], "--min_lr must be in [0, --base_lr 0.001], got 0.01"),
+    (["--min_lr=-1e-5"], "--min_lr must be in [0, --base_lr 0.001], got -1e-05"),
+    (["--scale_range", "2", "1"], "--scale_range must be LOW HIGH with 0 < LOW <= HIGH, got [2.0, 1.0]"),
+    (["--scale_range", "0", "1"], "--scale_range must be LOW HIGH with 0 < LOW <= HIGH, got [0.0, 1.0]"),
+])
+def test_invalid_flag_is_a_one_line_error(flags, message, city, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(tiny_args(city, tmp_path / "run", "--training_iterations", "1", *flags))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_path_or_data_file_is_a_one_line_error(city, tmp_path, capsys):
+    """Folders that cannot be made fail before any training; a bad mask read by a DataLoader worker (whose
+    re-raise carries the worker's traceback) fails with the mask's own message."""
+    def error_lines(*flags):
+        with pytest.raises(SystemExit) as exit_info:
+            training.main(["--data_root", str(city), *TINY, "--num_workers", "1", "--training_iterations", "4", *flags])
+        assert exit_info.value.code == 2
+        stderr = capsys.readouterr().err
+        return [line for line in stderr.splitlines() if line and "step/s" not in line]  # tqdm's bar aside
+
+    blocker, run_dir, model_path = tmp_path / "blocker", tmp_path / "run", tmp_path / "model.pth"
+    blocker.write_text("a regular file")
+    assert error_lines("--out_dir", str(blocker), "--model_path", str(model_path)) == [f"error: {blocker}: File exists"]
+    assert error_lines("--out_dir", str(run_dir), "--model_path", str(blocker / "sub" / "model.pth")) == [
+        f"error: {blocker / 'sub'}: Not a directory"]
+    assert not run_dir.exists()  # --model_path's folder is made first
+
+    mask_path = sorted((city / "gtFine" / "train").glob("*/*_gtFine_labelIds.png"))[3]
+    Image.fromarray(np.full((16, 32), 200, np.uint8)).save(mask_path)
+    [line] = error_lines("--out_dir", str(run_dir), "--model_path", str(model_path))
+    assert line.startswith(f"error: {mask_path}: invalid mask values [200], expected ")
+    assert not model_path.exists() and not (run_dir / "checkpoint.pt").exists()
 
 
 def test_run_leaves_config_metrics_checkpoints_plots(city, tmp_path):
@@ -136,6 +189,88 @@ def test_without_cityscapes_trains_the_synthetic_demo(tmp_path, monkeypatch, cap
     assert config["base_channels"] == 4 and config["image_size"] == "32x16"  # ...explicit flags win
     assert len(list(Path("Dataset/synthetic/leftImg8bit/train").glob("*/*.png"))) == 4
     assert set(load("unet_model.pth")) == INFERENCE_KEYS  # default --model_path
+
+
+def test_a_synthetic_city_at_data_root_trains_the_demo_as_it_is(tmp_path, monkeypatch, capsys):
+    """A city the user made (other settings than the demo's) is used untouched, with the demo defaults;
+    one made with the requested settings is completed where files are missing."""
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "own"
+    synthetic_city.generate(own, 3, 2, size=(48, 16), seed=5, workers=1)
+    files = sorted(own.rglob("*"))
+    training.main([*TINY, "--data_root", str(own), "--training_iterations", "1", "--out_dir", "run"])
+    assert f"{own}: using the synthetic city there as it is (48x16, 3 train and 2 val images)" in \
+        capsys.readouterr().out
+    config = json.loads(Path("run/config.json").read_text())
+    assert (config["dataset"], config["base_lr"]) == ("synthetic", training.SYNTHETIC_DEMO["base_lr"])
+    assert sorted(own.rglob("*")) == files and synthetic_city.read_settings(own)["num_train"] == 3
+
+    interrupted = tmp_path / "interrupted"
+    synthetic_city.generate(interrupted, 4, 2, size=(32, 16), seed=training.SYNTHETIC_SEED, workers=1)
+    missing = sorted(interrupted.glob("leftImg8bit/train/*/*.png"))[-1]
+    content = missing.read_bytes()
+    missing.unlink()
+    training.main([*TINY, "--dataset", "synthetic", "--data_root", str(interrupted), "--synthetic_train", "4",
+                   "--synthetic_val", "2", "--training_iterations", "1", "--out_dir", "run2"])
+    assert missing.read_bytes() == content
+
+
+def test_train_id_files_reads_the_official_train_id_masks(make_cityscapes, tmp_path):
+    """The val labelTrainIds files are rewritten to all road: only --train_id_files sees that."""
+    city = make_cityscapes(size=(32, 16), counts={"train": 4, "val": 2}, train_id_files=True)
+    for mask_path in city.glob("gtFine/val/*/*_gtFine_labelTrainIds.png"):
+        Image.fromarray(np.zeros((16, 32), np.uint8)).save(mask_path)
+    for flag in ("--train_id_files", "--no-train_id_files"):
+        run_dir = tmp_path / flag
+        training.main(tiny_args(city, run_dir, flag, "--training_iterations", "1"))
+        [final] = records(run_dir)[1]
+        if flag == "--train_id_files":  # every pixel labelled, and one class only: accuracy = its recall
+            assert final["val_pixels"] == 2 * 32 * 16 and final["mean_acc"] == pytest.approx(final["pixel_acc"])
+        else:
+            assert final["val_pixels"] < 2 * 32 * 16  # the labelIds' ego band and void ids are ignored
+
+
+def test_unlabelled_val_split_still_saves_the_weights_and_plots_iou_as_na(city, tmp_path, monkeypatch):
+    """Every val pixel void: the mIoU is undefined (null), yet the first evaluation saves the best weights;
+    per_class_iou.png draws undefined classes as hatched n/a bars, and a single log point gets a marker."""
+    for mask_path in city.glob("gtFine/val/*/*_gtFine_labelIds.png"):
+        Image.fromarray(np.zeros((16, 32), np.uint8)).save(mask_path)  # label id 0, 'unlabeled'
+    figures = []
+
+    class RecordedFigure(Figure):
+        def savefig(self, *args, **kwargs):
+            figures.append(self)
+            super().savefig(*args, **kwargs)
+
+    monkeypatch.setattr(training, "Figure", RecordedFigure)
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "1"))
+    [final] = records(run_dir)[1]
+    assert (final["miou"], final["pixel_acc"], final["val_pixels"]) == (None, None, 0)
+    assert set(final["per_class_iou"].values()) == {None}
+    assert set(load(run_dir / "unet_model.pth")) == INFERENCE_KEYS
+    curves, per_class = figures
+    assert all(line.get_marker() in (".", "o") for axis in curves.axes for line in axis.get_lines())
+    axis = per_class.axes[0]
+    assert [(bar.get_width(), bar.get_hatch()) for bar in axis.patches] == [(1, "//")] * 19
+    assert [text.get_text() for text in axis.texts] == ["n/a"] * 19
+
+
+def test_resuming_a_finished_run_changes_nothing_unless_given_more_steps(city, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "2"))
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    training.main(["--resume", "auto", "--out_dir", str(run_dir)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{run_dir / 'checkpoint.pt'}: already complete (2 steps); raise --training_iterations to train further"]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
+
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
+    train, evals = records(run_dir)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [(r["step"], r["final"]) for r in evals] == [(2, True), (3, True)]
+    assert load(run_dir / "checkpoint.pt")["step"] == 3
 
 
 def test_accumulation_equals_one_larger_batch():
