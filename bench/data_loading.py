@@ -105,9 +105,7 @@ def run(args):
     body += (f"\n\nissue 3 target: prepared 512x256 + aug loader {loader_rate:.1f} img/s vs CPU training "
              f"{train_rate:.3f} img/s (UNet base {args.base_channels}, 512x256, batch 1, {source}): "
              f"{loader_rate / train_rate:.0f}x (target >= 5x: {'met' if loader_rate >= 5 * train_rate else 'NOT met'})")
-    print(body)
-    if args.record:
-        harness.record("data_loading", "python " + " ".join(sys.argv), header, body)
+    harness.report("data_loading", header, body, args.record)
 
 
 def parse_args(argv=None):
@@ -128,9 +126,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        run(arguments)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    harness.main(run, parse_args)

@@ -66,9 +66,7 @@ def run(args):
     body += harness.format_table(["measure", "time", "throughput", "MFU"], rows)
     body += (f"\n\nsteady img/s vs the seed's reported 1.85 img/s (RTX 4090): {steady / SEED_IMAGES_PER_SECOND:.2f}x; "
              f"10 epochs of 2975 images at this rate: {10 * 2975 / steady / 60:.1f} min")
-    print(body)
-    if args.record:
-        harness.record("epoch", "python " + " ".join(sys.argv), header, body)
+    harness.report("epoch", header, body, args.record)
 
 
 def parse_args(argv=None):
@@ -94,9 +92,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        run(arguments)
-    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    harness.main(run, parse_args, errors=(ValueError, FileNotFoundError, subprocess.CalledProcessError))

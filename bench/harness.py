@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -137,9 +138,27 @@ def format_table(header, rows):
     return "\n".join(lines)
 
 
-def record(title, command, header_line, body):
-    """Append a dated results block to bench/README.md (below its last line, never rewriting it)."""
-    block = f"\n### {title}\n\n{header_line}\n\n`{command}`\n\n{body}\n"
+def record(title, header_line, body):
+    """Append a dated results block, with the command that made it, to bench/README.md (below its
+    last line, never rewriting it)."""
+    block = f"\n### {title}\n\n{header_line}\n\n`python {' '.join(sys.argv)}`\n\n{body}\n"
     with open(README, "a") as file:
         file.write(block)
     print(f"recorded in {README}")
+
+
+def report(title, header_line, body, record_it):
+    """Print a results block, and record it when --record was given."""
+    print(body)
+    if record_it:
+        record(title, header_line, body)
+
+
+def main(run, parse_args, errors=(ValueError, FileNotFoundError)):
+    """A bench script's entry point: expected failures become one `error:` line and exit status 2."""
+    arguments = parse_args()
+    try:
+        run(arguments)
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -96,9 +96,7 @@ def run(args):
             f"each; inference.py batch {args.batch_size}, {args.num_workers} workers; median of {args.repeats} "
             f"interleaved runs\n\n")
     body += harness.format_table(["path", "s per folder", "img/s", "vs naive"], rows)
-    print(body)
-    if args.record:
-        harness.record("inference_speed", "python " + " ".join(sys.argv), header, body)
+    harness.report("inference_speed", header, body, args.record)
 
 
 def parse_args(argv=None):
@@ -119,9 +117,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        run(arguments)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    harness.main(run, parse_args)

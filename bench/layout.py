@@ -94,7 +94,7 @@ def run(args):
     if device.type == "cpu" and args.base_channels == 64:
         body += f"\n(issue 6 CPU target: inference >= {ISSUE_6_CPU_INFERENCE_GFLOPS} GFLOP/s for base 64)\n"
     if args.record:
-        harness.record("layout", "python " + " ".join(sys.argv), header, body)
+        harness.record("layout", header, body)
 
 
 def parse_args(argv=None):
@@ -117,9 +117,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        run(arguments)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    harness.main(run, parse_args)

@@ -153,9 +153,7 @@ def run(args):
             f"interleaved steps; peak {peak_tflops:.2f} TFLOP/s ({peak_note})\n\n")
     body += harness.format_table(["candidate", "s/step", "img/s", "time vs ours", "TFLOP/s", "% of peak",
                                   "peak mem MiB"], rows)
-    print(body)
-    if args.record:
-        harness.record("train_step", "python " + " ".join(sys.argv), header, body)
+    harness.report("train_step", header, body, args.record)
 
 
 def parse_args(argv=None):
@@ -185,9 +183,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        run(arguments)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    harness.main(run, parse_args)
