@@ -17,6 +17,7 @@ augmentation are pure functions of (seed, epoch, index), and the checkpoint hold
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -35,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 import synthetic_city
-from dataset import (IGNORE_INDEX, MEAN, STD, CityscapesDataset, denormalize, has_cityscapes, one_line, parse_size,
-                     save_prediction_grid)
+from dataset import (IGNORE_INDEX, MEAN, STD, CityscapesDataset, DeviceCache, denormalize, has_cityscapes, one_line,
+                     parse_size, save_prediction_grid)
 from losses import CEDiceLoss
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import ConfusionMatrix, finite_or_none, format_table, plot_confusion_matrix
@@ -58,8 +59,8 @@ DEFAULTS = dict(
     max_nonfinite_steps=10,
     scale_range=[0.5, 2.0], hflip_prob=0.5, color_jitter=0.2,
     eval_interval=200, eval_iterations=0, save_model_interval=200, log_interval=10,
-    num_workers=min(8, os.cpu_count() or 1), device="auto", amp="auto", channels_last="auto", compile=False,
-    cudnn_benchmark=True, tf32=True, deterministic=False,
+    num_workers=min(8, os.cpu_count() or 1), data_cache="off", device="auto", amp="auto", channels_last="auto",
+    compile=False, cudnn_benchmark=True, tf32=True, deterministic=False,
     seed=0, out_dir=None, model_path="unet_model.pth", resume=None,
 )
 # The demo trained when no Cityscapes is found: a small model on the synthetic city that reaches
@@ -139,6 +140,9 @@ def build_parser():
          "run, which is otherwise left as it is (default: a new run)")
     system = parser.add_argument_group("system and speed")
     flag(system, "--num_workers", "DataLoader worker processes", type=int)
+    flag(system, "--data_cache", "device: for prepared data that fits in device memory, keep the train split there as "
+         "uint8 tensors; the input pipeline (augmentation included) then runs on the device in batch",
+         choices=["off", "device"])
     flag(system, "--device", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     flag(system, "--amp", "autocast dtype; auto = bf16 on GPUs that support it, fp16 with a GradScaler on "
          "others, off on CPU", choices=["auto", "bf16", "fp16", "off"])
@@ -282,6 +286,20 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+class CachedBatches:
+    """--data_cache device: stands in for the train DataLoader, batching the same (index, seed) stream from the
+    cache, so the run sees the same images and augmentation draws whichever pipeline makes them."""
+
+    def __init__(self, cache, sampler, batch_size):
+        self.dataset, self.sampler, self.batch_size = cache, sampler, batch_size
+
+    def __iter__(self):
+        keys = iter(self.sampler)
+        while True:
+            indices, seeds = zip(*itertools.islice(keys, self.batch_size))
+            yield self.dataset.batch(indices, seeds)
+
+
 def ignore_sigint(worker_id):
     """Workers ignore Ctrl-C: the main process decides when to stop and must still get its batches."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -321,7 +339,12 @@ def build_data(config, rank, world_size, device, start_step):
                           worker_init_fn=ignore_sigint,
                           # own generators: creating an iterator must not draw from the global RNG
                           generator=torch.Generator().manual_seed(config["seed"]))
-    train_loader = DataLoader(SeededSamples(train_set), sampler=sampler, **loader_options)
+    if config["data_cache"] == "device":
+        cache = DeviceCache(train_set, device, tuple(config["scale_range"]), config["hflip_prob"],
+                            config["color_jitter"], num_workers=workers)
+        train_loader = CachedBatches(cache, sampler, config["batch_size"])
+    else:
+        train_loader = DataLoader(SeededSamples(train_set), sampler=sampler, **loader_options)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), **loader_options)
     snapshot_ids = sorted(set(np.linspace(0, len(val_set) - 1, SNAPSHOT_IMAGES).round().astype(int).tolist()))
     snapshot = [torch.stack(tensors) for tensors in zip(*(val_set[i] for i in snapshot_ids))]

@@ -1,0 +1,160 @@
+"""DeviceCache (dataset.py): the split kept as uint8 tensors, augmented in batch; and training.py's
+--data_cache device, whose runs must be as reproducible and resumable as the DataLoader path's."""
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as F
+
+import training
+from dataset import IGNORE_INDEX, CityscapesDataset, DeviceCache, denormalize, jitter
+
+SIZE = (64, 32)
+WIDTH, HEIGHT = SIZE
+
+
+@pytest.fixture
+def train_set(make_cityscapes):
+    return CityscapesDataset(make_cityscapes(size=SIZE, block=8), "train", SIZE)
+
+
+def interior(mask, margin=1):
+    """Labelled pixels whose (2 * margin + 1)^2 neighbourhood holds one label: bilinear sampling blends
+    colours only across region borders."""
+    padded = np.pad(mask.astype(int), margin, constant_values=-1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * margin + 1, 2 * margin + 1))
+    return (windows == mask[..., None, None]).all(axis=(-1, -2)) & (mask != IGNORE_INDEX)
+
+
+def test_unaugmented_batches_equal_the_dataset_items(make_cityscapes):
+    root = make_cityscapes(size=(80, 40), counts={"train": 5, "val": 1})  # resized on the fly, like the loader
+    dataset = CityscapesDataset(root, "train", SIZE)
+    order = [3, 0, 3, 4]
+    images, masks = DeviceCache(dataset).batch(order, [1, 2, 3, 4], augment=False)
+    assert images.shape == (4, 3, HEIGHT, WIDTH) and images.dtype == torch.float32
+    assert masks.shape == (4, HEIGHT, WIDTH) and masks.dtype == torch.int64
+    for row, index in enumerate(order):
+        image, mask = dataset[index]
+        assert torch.equal(images[row], image)
+        assert torch.equal(masks[row], mask)
+    assert (masks == IGNORE_INDEX).any() and (masks < dataset.class_table.num_classes).any()
+
+
+def test_augmented_image_and_mask_stay_aligned(make_cityscapes, label_id_colors):
+    """Image colours encode label ids: after scale, crop and flip every labelled pixel away from a region
+    border still shows its class colour, and most labelled pixels do: on these 16-pixel squares over 70% in
+    each image, 80% on average (the DataLoader's antialiased pipeline blurs more: 70-90% on such data)."""
+    train_set = CityscapesDataset(make_cityscapes(size=SIZE, block=16), "train", SIZE)
+    cache = DeviceCache(train_set, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0)
+    class_colors = label_id_colors[train_set.class_table.label_ids].astype(int)
+    plain_masks = cache.batch(range(4), range(4), augment=False)[1]
+    images, masks = cache.batch([0, 1, 2, 3] * 4, range(16))
+    checked, matching = 0, []
+    for image, mask, plain in zip(images, masks, plain_masks.repeat(4, 1, 1)):
+        assert not torch.equal(mask, plain)
+        image, mask = denormalize(image).astype(int), mask.numpy()
+        inside = interior(mask)
+        assert np.abs(image[inside] - class_colors[mask[inside]]).max() <= 1
+        labelled = mask != IGNORE_INDEX
+        matching.append((np.abs(image[labelled] - class_colors[mask[labelled]]).max(axis=-1) <= 1).mean())
+        checked += inside.sum()
+    assert checked > 16 * WIDTH * HEIGHT // 4
+    assert min(matching) > 0.7 and np.mean(matching) > 0.8
+
+
+def test_scaling_down_pads_image_with_zero_and_mask_with_ignore(train_set):
+    cache = DeviceCache(train_set, scale_range=(0.5, 0.5), hflip_prob=0, color_jitter=0)
+    images, masks = cache.batch([0, 1, 2], [10, 11, 12])
+    for image, mask in zip(images, masks):
+        padding = (mask == IGNORE_INDEX).numpy()
+        black = (denormalize(image) == 0).all(axis=-1)  # fixture colours are never black: only padding is
+        # the half-size image lands at a sub-pixel offset, so up to one more row and column are blended
+        outside = WIDTH * HEIGHT - (WIDTH // 2 + 1) * (HEIGHT // 2 + 1)
+        assert outside <= black.sum() <= WIDTH * HEIGHT - (WIDTH // 2 - 1) * (HEIGHT // 2 - 1)
+        assert padding.sum() >= outside
+        assert padding[black].all()
+
+
+@pytest.mark.parametrize("hflip_prob", [0.0, 1.0])
+def test_flip_mirrors_the_batch_and_unit_scale_keeps_it(train_set, hflip_prob):
+    cache = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=hflip_prob, color_jitter=0)
+    plain_images, plain_masks = cache.batch(range(4), range(4), augment=False)
+    images, masks = cache.batch(range(4), [7, 8, 9, 10])
+    if hflip_prob:
+        plain_images, plain_masks = plain_images.flip(-1), plain_masks.flip(-1)
+    assert torch.equal(masks, plain_masks)
+    torch.testing.assert_close(images, plain_images, atol=1e-5, rtol=0)
+
+
+def test_flips_follow_hflip_prob(train_set):
+    cache = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=0.5, color_jitter=0)
+    plain = cache.batch([0], [0], augment=False)[1][0]
+    masks = cache.batch([0] * 200, range(200))[1]
+    flipped = sum(torch.equal(mask, plain.flip(-1)) for mask in masks)
+    unflipped = sum(torch.equal(mask, plain) for mask in masks)
+    assert flipped + unflipped == 200
+    assert 70 <= flipped <= 130  # Binomial(200, 0.5): 100 +- 4.2 standard deviations
+
+
+def test_jitter_equals_torchvision_per_sample():
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    factors = torch.tensor([[0.8, 1.1, 1.2], [1.2, 0.7, 0.6], [1.0, 1.0, 1.0]])
+    jittered = jitter(images, *factors.view(-1, 3, 1, 1, 1).unbind(1))
+    for image, result, (brightness, contrast, saturation) in zip(images, jittered, factors.tolist()):
+        expected = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, brightness), contrast), saturation)
+        torch.testing.assert_close(result, expected)
+    torch.testing.assert_close(jittered[2], images[2])
+
+
+def test_color_jitter_changes_images_not_masks(train_set):
+    cache = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0.4)
+    plain_images, plain_masks = cache.batch(range(4), range(4), augment=False)
+    images, masks = cache.batch(range(4), range(4))
+    assert torch.equal(masks, plain_masks)
+    assert all(not torch.allclose(image, plain, atol=1e-3) for image, plain in zip(images, plain_images))
+
+
+def test_augmentation_is_a_pure_function_of_each_sample_seed(train_set):
+    cache = DeviceCache(train_set)
+    first = cache.batch([0, 1, 2, 3], [5, 6, 7, 2**64 - 1])
+    again = cache.batch([0, 1, 2, 3], [5, 6, 7, 2**64 - 1])
+    other = cache.batch([0, 1, 2, 3], [15, 16, 17, 18])
+    alone = cache.batch([2], [7])  # neighbours in the batch do not matter
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert all(not torch.equal(a, b) for a, b in zip(first[0], other[0]))
+    assert torch.equal(alone[0][0], first[0][2]) and torch.equal(alone[1][0], first[1][2])
+
+
+def test_unlabelled_split_cannot_be_cached(make_cityscapes):
+    with pytest.raises(ValueError, match="'test' has no labels"):
+        DeviceCache(CityscapesDataset(make_cityscapes(), "test", SIZE))
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical weights need the same intra-op thread count in every run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_weights(city, run_dir, *extra):
+    training.main(["--data_root", str(city), "--out_dir", str(run_dir), "--model_path", str(run_dir / "model.pth"),
+                   "--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2",
+                   "--accum_steps", "1", "--warmup_steps", "1", "--num_workers", "0", "--device", "cpu",
+                   "--data_cache", "device", "--dropout", "0.2", "--eval_interval", "100", *extra])
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def test_training_from_the_cache_reproduces_and_resumes_bit_exactly(make_cityscapes, tmp_path, one_thread):
+    city = make_cityscapes(size=(32, 16), counts={"train": 5, "val": 2}, block=4, noise=10)
+    reference = train_weights(city, tmp_path / "reference", "--training_iterations", "6")
+    again = train_weights(city, tmp_path / "again", "--training_iterations", "6")
+    train_weights(city, tmp_path / "resumed", "--training_iterations", "3")
+    resumed = train_weights(city, tmp_path / "resumed", "--training_iterations", "6", "--resume", "auto")
+    other_seed = train_weights(city, tmp_path / "other_seed", "--training_iterations", "6", "--seed", "1")
+    assert reference["config"]["data_cache"] == "device" and resumed["step"] == 6
+    for name, tensor in reference["model"].items():
+        assert torch.equal(again["model"][name], tensor), name
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert not torch.equal(other_seed["model"]["head.weight"], reference["model"]["head.weight"])
