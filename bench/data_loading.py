@@ -1,5 +1,6 @@
 """Data-loading speed: DataLoader img/s over raw 2048x1024 PNGs vs the prepared 512x256 copy, with and
-without augmentation, vs torchvision.datasets.Cityscapes + PIL resize; and the issue-3 target, the
+without augmentation, vs torchvision.datasets.Cityscapes + PIL resize, vs training.py's
+--data_cache device path (batched augmentation of a uint8 cache); and the issue-3 target, the
 prepared+augmented loader >= 5x the CPU training throughput of the default model.
 
     python bench/data_loading.py                    # 40 raw synthetic images in bench/out (made once)
@@ -25,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
 import synthetic_city  # noqa: E402
-from dataset import MEAN, STD, CityscapesDataset, prepare  # noqa: E402
+from dataset import MEAN, STD, CityscapesDataset, DeviceCache, prepare  # noqa: E402
 from train_step import build_step  # noqa: E402
 
 BENCH_OUT = Path(__file__).resolve().parent / "out"
@@ -53,6 +54,20 @@ class TorchvisionPair:
         return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), MEAN, STD), mask.long()
 
 
+class CachedPasses:
+    """Passes over training.py's --data_cache device path: the prepared split held as uint8 tensors,
+    each batch gathered and augmented in one go (here on the CPU, the only device this bench targets)."""
+
+    def __init__(self, cache, batch_size):
+        self.dataset, self.batch_size = cache, batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset)).tolist()
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start:start + self.batch_size]
+            yield self.dataset.batch(indices, sample_seeds=indices)
+
+
 def build_loaders(raw, prepared, args):
     datasets = {
         "raw 2048x1024": CityscapesDataset(raw, "train", TRAIN_SIZE),
@@ -62,9 +77,12 @@ def build_loaders(raw, prepared, args):
         "torchvision Cityscapes + PIL resize": Cityscapes(raw, "train", target_type="semantic",
                                                           transforms=TorchvisionPair()),
     }
-    return {name: DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                             persistent_workers=args.num_workers > 0)
-            for name, dataset in datasets.items()}
+    loaders = {name: DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                                persistent_workers=args.num_workers > 0)
+               for name, dataset in datasets.items()}
+    cache = DeviceCache(CityscapesDataset(prepared, "train", TRAIN_SIZE), num_workers=args.num_workers)
+    loaders["prepared 512x256 + aug, --data_cache device (CPU)"] = CachedPasses(cache, args.batch_size)
+    return loaders
 
 
 def images_per_second(loaders, repeats):

@@ -5,8 +5,9 @@
 
 Both write the same three files per photo (mask, colour, overlay at the photo's resolution) into
 bench/out. Ours: inference.predict (DataLoader decoding, batches under inference_mode, logits
-upsampled to the photo size, threaded PNG/JPEG encoding). Naive: PIL open, resize, model, argmax,
-nearest-upsample the mask, save, one photo after the other in the main process. The model is a
+upsampled to the photo size, threaded PNG/JPEG encoding). Naive: PIL open, resize, model, logits
+upsampled to the photo size and argmax (the same masks), save, one photo after the other in the main
+process. The model is a
 random-init UNet saved as a training.py checkpoint: speed does not depend on the weights.
 Runs are timed round-robin, median of --repeats, after one warm-up run each.
 """
@@ -63,8 +64,10 @@ def naive_predict(checkpoint, input_dir, output_dir, device):
         photo = Image.open(path).convert("RGB")
         resized = np.array(photo.resize(checkpoint.image_size, Image.BILINEAR))
         image = (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - mean) / std
-        prediction = model(image[None].to(device)).argmax(1)[0].byte().cpu().numpy()
-        mask = np.asarray(Image.fromarray(prediction).resize(photo.size, Image.NEAREST))
+        logits = model(image[None].to(device))
+        full_size = torch.nn.functional.interpolate(logits, size=(photo.height, photo.width), mode="bilinear",
+                                                    align_corners=False)
+        mask = full_size.argmax(1)[0].byte().cpu().numpy()
         Image.fromarray(mask).save(output_dir / f"{path.stem}_mask.png")
         Image.fromarray(colorize(mask, colors)).save(output_dir / f"{path.stem}_color.png")
         Image.fromarray(overlay(np.asarray(photo), mask, colors)).save(output_dir / f"{path.stem}_overlay.jpg",
