@@ -332,8 +332,15 @@ class DeviceCache:
     def __len__(self):
         return len(self.images)
 
+    def to_device(self, tensor) -> torch.Tensor:
+        """A small CPU tensor to the cache's device without waiting for the GPU: a copy from pageable
+        memory would synchronise with the stream, so on CUDA it goes through pinned memory."""
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     def batch(self, indices, sample_seeds, augment=True) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.as_tensor(list(indices), device=self.device)
+        rows = self.to_device(torch.as_tensor(list(indices)))
         images = F.to_dtype(self.images[rows], torch.float32, scale=True)
         masks = self.masks[rows]
         if augment:
@@ -363,7 +370,7 @@ class DeviceCache:
         theta[:, 0, 2] = (1 + 2 * crop_x) / scale - 1
         theta[:, 1, 1] = 1 / scale
         theta[:, 1, 2] = (1 + 2 * crop_y) / scale - 1
-        theta = theta.to(self.device, torch.float32, non_blocking=True)
+        theta = self.to_device(theta.float())
         grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
         images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                                                  align_corners=False)
@@ -373,7 +380,7 @@ class DeviceCache:
         masks = torch.where(shifted == 0, IGNORE_INDEX, shifted - 1).to(torch.uint8)
         if self.color_jitter > 0:
             factors = (1 + self.color_jitter * (2 * draws[:, 4:] - 1)).clamp(min=0).view(-1, 3, 1, 1, 1)
-            images = jitter(images, *factors.to(self.device, torch.float32, non_blocking=True).unbind(1))
+            images = jitter(images, *self.to_device(factors.float()).unbind(1))
         return images, masks
 
 
@@ -545,10 +552,11 @@ def main(argv=None):
     prepare_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth_parser = commands.add_parser("synth", help="write the synthetic Cityscapes-format city")
     synth_parser.add_argument("--out", default="Dataset/synthetic", help="output root (default Dataset/synthetic)")
-    synth_parser.add_argument("--train", type=int, required=True, help="number of train images")
-    synth_parser.add_argument("--val", type=int, required=True, help="number of val images")
-    synth_parser.add_argument("--test", type=int, default=0, help="number of (unlabelled) test images")
-    synth_parser.add_argument("--size", type=size_arg, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
+    synth_parser.add_argument("--train", type=int, required=True, help="number of train images (the demo: 300)")
+    synth_parser.add_argument("--val", type=int, required=True, help="number of val images (the demo: 60)")
+    synth_parser.add_argument("--test", type=int, default=0, help="number of (unlabelled) test images (default 0)")
+    synth_parser.add_argument("--size", type=size_arg, default=(128, 64),
+                              help="WIDTHxHEIGHT (default 128x64, the training demo's size)")
     synth_parser.add_argument("--seed", type=int, default=0, help="scenes are a pure function of it (default 0)")
     synth_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)

@@ -85,6 +85,8 @@ Decoded = namedtuple("Decoded", "index model_input photo error")
 def read_checkpoint(path):
     """torch.load with weights_only=True, every failure turned into one line naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found: train a model first with "
                                 f"`python training.py` (or pass --checkpoint PATH)")
@@ -94,8 +96,11 @@ def read_checkpoint(path):
     # of torch.load meets it first: IndexError, KeyError, EOFError, RuntimeError, UnpicklingError, ...
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        # the weights_only unpickler's own reason ("Unsupported operand 0"), not its generic advice
-        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(exc).__name__)
+        # the weights_only unpickler's own reason ("Unsupported operand 0"), not its generic advice;
+        # else the error's first sentence, with its type when the message alone says nothing ("105")
+        reason = next((line for line in lines if "Unsupported" in line), lines[0].split(". ")[0] if lines else "")
+        if len(reason) < 12:
+            reason = f"{type(exc).__name__}: {reason}".rstrip(": ")
         if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in reason:
             raise ValueError(f"refused to load checkpoint {path}: it holds objects other than tensors and "
                              f"plain containers, and unpickling them could run code ({reason})") from None
@@ -322,15 +327,16 @@ def train_to_label_ids(class_table):
 # ----------------------------------------------------------------------------- model
 
 def use_channels_last(choice):
-    """auto: on. NHWC is cuDNN's fastest conv layout on GPUs and oneDNN's for inference on CPUs
-    (1.22-1.29x over NCHW for the classic U-Net at 512x256, bench/README.md); training on CPU is
-    the exception, which is why training.py decides on its own."""
+    """auto: on. NHWC is oneDNN's fastest layout for inference on CPUs (1.21-1.29x over NCHW for the
+    classic U-Net at 512x256, bench/README.md) and, by cuDNN's design, for tensor-core convs on GPUs
+    (not yet measured here); training on CPU is the exception, which is why training.py decides on
+    its own."""
     return choice != "off"
 
 
 def fold_batchnorm(model):
     """Fold every eval-mode BatchNorm into the conv before it (in place): the same function with
-    one pass over the feature map fewer per conv, ~1.05x faster inference (bench/README.md)."""
+    one pass over the feature map fewer per conv: 1.03-1.08x faster CPU inference (bench/README.md)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Sequential):
             for index in range(len(module) - 1):
@@ -534,8 +540,8 @@ def build_parser():
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                         help="autocast dtype; auto: bf16/fp16 on CUDA, off on CPU (default: %(default)s)")
     parser.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
-                        help="NHWC memory format; auto: on, fastest on GPUs and, for inference, on CPUs "
-                             "(default: %(default)s)")
+                        help="NHWC memory format; auto: on (measured fastest for CPU inference; cuDNN's "
+                             "preferred layout on GPUs) (default: %(default)s)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader processes that decode and resize (default: %(default)s)")
     parser.add_argument("--writer_threads", type=int, default=min(4, os.cpu_count() or 1),

@@ -140,8 +140,10 @@ def build_parser():
          "run, which is otherwise left as it is (default: a new run)")
     system = parser.add_argument_group("system and speed")
     flag(system, "--num_workers", "DataLoader worker processes", type=int)
-    flag(system, "--data_cache", "device: for prepared data that fits in device memory, keep the train split there as "
-         "uint8 tensors; the input pipeline (augmentation included) then runs on the device in batch",
+    flag(system, "--data_cache", "device: for prepared data that fits in device memory, every process keeps the whole "
+         "train split there as uint8 tensors and augments batches there (same scale/crop/flip/jitter "
+         "distributions as the loader, not the same pixels: no antialiasing, sub-pixel crops); --num_workers then "
+         "only decode it once. Meant for GPUs; on the CPU it is no faster than loader workers",
          choices=["off", "device"])
     flag(system, "--device", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     flag(system, "--amp", "autocast dtype; auto = bf16 on GPUs that support it, fp16 with a GradScaler on "
@@ -207,6 +209,11 @@ def resolve_config(args):
     resume_path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"))
     if resume_path:
         checkpoint = read_training_checkpoint(resume_path)
+        made_with = checkpoint["config"].get("data_cache", DEFAULTS["data_cache"])
+        if given.get("data_cache", made_with) != made_with:
+            raise ValueError(f"--data_cache {given['data_cache']}: {resume_path} was trained with --data_cache "
+                             f"{made_with}; the two pipelines draw different augmentations, so the resume would "
+                             f"not be exact")
         config = {**DEFAULTS, **checkpoint["config"], "out_dir": str(Path(resume_path).parent), **given,
                   "resume": resume_path}
     else:
@@ -288,7 +295,8 @@ class SeededSamples(Dataset):
 
 class CachedBatches:
     """--data_cache device: stands in for the train DataLoader, batching the same (index, seed) stream from the
-    cache, so the run sees the same images and augmentation draws whichever pipeline makes them."""
+    cache: the same images in the same order as the loader would give, each augmented from its own seed (the
+    same distributions as the loader's, not the same pixels)."""
 
     def __init__(self, cache, sampler, batch_size):
         self.dataset, self.sampler, self.batch_size = cache, sampler, batch_size
@@ -340,6 +348,13 @@ def build_data(config, rank, world_size, device, start_step):
                           # own generators: creating an iterator must not draw from the global RNG
                           generator=torch.Generator().manual_seed(config["seed"]))
     if config["data_cache"] == "device":
+        width, height = size
+        cache_bytes = len(train_set) * width * height * 4  # uint8 RGB image + uint8 mask per pixel
+        if device.type == "cuda" and cache_bytes > torch.cuda.mem_get_info(device)[0] // 2:
+            raise ValueError(f"--data_cache device: the train split needs {cache_bytes / 2**30:.1f} GiB, more than half "
+                             f"of the {torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB free on {device}")
+        if rank == 0:
+            print(f"caching {len(train_set)} train images ({cache_bytes / 2**30:.2f} GiB) on {device}")
         cache = DeviceCache(train_set, device, tuple(config["scale_range"]), config["hflip_prob"],
                             config["color_jitter"], num_workers=workers)
         train_loader = CachedBatches(cache, sampler, config["batch_size"])

@@ -158,3 +158,22 @@ def test_training_from_the_cache_reproduces_and_resumes_bit_exactly(make_citysca
         assert torch.equal(again["model"][name], tensor), name
         assert torch.equal(resumed["model"][name], tensor), name
     assert not torch.equal(other_seed["model"]["head.weight"], reference["model"]["head.weight"])
+
+
+def test_resume_refuses_to_switch_the_data_pipeline(tmp_path, capsys):
+    """The loader and the cache draw different augmentations from the same seeds: switching on resume
+    would silently break the exact-resume promise, so it is an error."""
+    root = tmp_path / "city"
+    args = ["--dataset", "synthetic", "--data_root", str(root), "--synthetic_train", "4", "--synthetic_val", "2",
+            "--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2",
+            "--num_workers", "0", "--eval_interval", "2", "--save_model_interval", "2", "--device", "cpu",
+            "--out_dir", str(tmp_path / "run"), "--model_path", str(tmp_path / "m.pth")]
+    training.main([*args, "--training_iterations", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(["--resume", str(tmp_path / "run" / "checkpoint.pt"), "--training_iterations", "4",
+                       "--data_cache", "device"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "was trained with --data_cache off; the two pipelines draw different augmentations, so the resume "
+        "would not be exact")
