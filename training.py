@@ -142,7 +142,7 @@ def build_parser():
     flag(system, "--num_workers", "DataLoader worker processes", type=int)
     flag(system, "--data_cache", "device: for prepared data that fits in device memory, every process keeps the whole "
          "train split there as uint8 tensors and augments batches there (same scale/crop/flip/jitter "
-         "distributions as the loader, not the same pixels: no antialiasing, sub-pixel crops); --num_workers then "
+         "distributions as the loader, not the same pixels: no antialiasing, sub-pixel crops); the workers then "
          "only decode it once. Meant for GPUs; on the CPU it is no faster than loader workers",
          choices=["off", "device"])
     flag(system, "--device", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
