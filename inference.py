@@ -43,7 +43,6 @@ import argparse
 import glob
 import json
 import os
-import pickle
 import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +59,7 @@ from tqdm import tqdm
 from dataset import (MEAN, STD, CityscapesDataset, ClassTable, colorize, one_line, overlay, read_mask, resize_image,
                      size_arg, write_image_atomically)
 from metrics import ConfusionMatrix, finite_or_none, format_table, plot_confusion_matrix
-from training import resolve_amp_dtype, resolve_device
+from training import load_checkpoint_file, resolve_amp_dtype, resolve_device
 from unet import UNet
 
 DEFAULT_CHECKPOINT = "unet_model.pth"
@@ -83,29 +82,14 @@ Decoded = namedtuple("Decoded", "index model_input photo error")
 # ----------------------------------------------------------------------------- checkpoint
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True, every failure turned into one line naming the file."""
+    """training.load_checkpoint_file, with a hint when there is no checkpoint yet."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found: train a model first with "
                                 f"`python training.py` (or pass --checkpoint PATH)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    # A file that is not a checkpoint (notes, an image, a truncated download) fails in whatever part
-    # of torch.load meets it first: IndexError, KeyError, EOFError, RuntimeError, UnpicklingError, ...
-    except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        # the weights_only unpickler's own reason ("Unsupported operand 0"), not its generic advice;
-        # else the error's first sentence, with its type when the message alone says nothing ("105")
-        reason = next((line for line in lines if "Unsupported" in line), lines[0].split(". ")[0] if lines else "")
-        if len(reason) < 12:
-            reason = f"{type(exc).__name__}: {reason}".rstrip(": ")
-        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in reason:
-            raise ValueError(f"refused to load checkpoint {path}: it holds objects other than tensors and "
-                             f"plain containers, and unpickling them could run code ({reason})") from None
-        problem = "is empty" if path.stat().st_size == 0 else f"is not a PyTorch checkpoint (torch.load: {reason})"
-        raise ValueError(f"checkpoint {path} {problem}") from None
+    return load_checkpoint_file(path)
 
 
 def infer_unet_config(state_dict, fixed):

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -174,11 +175,30 @@ def find_resume_checkpoint(resume, out_dir):
     return found[-1] if found else None
 
 
-def read_training_checkpoint(path):
+def load_checkpoint_file(path):
+    """torch.load with weights_only=True (nothing in the file can run code), every failure turned into
+    one line naming the file; training's --resume and inference.py both read checkpoints through it."""
+    path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load fails in many ways (pickle, zip, EOF); all mean "not readable"
-        raise ValueError(f"{path}: cannot read checkpoint ({str(error).splitlines()[0]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # A file that is not a checkpoint (notes, an image, a truncated download) fails in whatever part
+    # of torch.load meets it first: IndexError, KeyError, EOFError, RuntimeError, UnpicklingError, ...
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # the weights_only unpickler's own reason ("Unsupported operand 0"), not its generic advice;
+        # else the error's first sentence, with its type when the message alone says nothing ("105")
+        reason = next((line for line in lines if "Unsupported" in line), lines[0].split(". ")[0] if lines else "")
+        if len(reason) < 12:
+            reason = f"{type(exc).__name__}: {reason}".rstrip(": ")
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in reason:
+            raise ValueError(f"refused to load checkpoint {path}: it holds objects other than tensors and "
+                             f"plain containers, and unpickling them could run code ({reason})") from None
+        problem = "is empty" if path.stat().st_size == 0 else f"is not a PyTorch checkpoint (torch.load: {reason})"
+        raise ValueError(f"checkpoint {path} {problem}") from None
+
+
+def read_training_checkpoint(path):
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
         raise ValueError(f"{path}: not a training checkpoint (--resume needs a run folder's {CHECKPOINT}, "
                          f"not the inference weights)")
