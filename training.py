@@ -126,7 +126,8 @@ def build_parser():
          type=float)
     flag(optim, "--weight_decay", "AdamW weight decay of conv weights", type=float)
     flag(optim, "--grad_clip", "clip gradients to this global norm, 0 = off", type=float)
-    flag(optim, "--max_nonfinite_steps", "stop after this many consecutive steps with a non-finite loss", type=int)
+    flag(optim, "--max_nonfinite_steps", "stop after this many consecutive steps with a non-finite loss or "
+         "gradients (each is skipped; checked at every log step)", type=int)
     evaluation = parser.add_argument_group("evaluation, logging and checkpoints")
     flag(evaluation, "--eval_interval", "evaluate every this many optimizer steps (and at the end)", type=int)
     flag(evaluation, "--eval_iterations", "val batches (per process) of a periodic evaluation, 0 = the whole val "
@@ -390,11 +391,12 @@ def build_optimizer(model, config, device):
     """AdamW: Adam's per-parameter step sizes train a from-scratch U-Net robustly, and its weight decay is
     decoupled from the adaptive update (Loshchilov & Hutter), so it shrinks weights at the same rate
     whatever their gradient history. Only conv weights decay: decaying BatchNorm scales just fights the
-    normalisation, and biases are too few to overfit."""
+    normalisation, and biases are too few to overfit. The fused implementation updates every parameter in
+    one kernel, and it can skip a step on the device (see step_unless_nonfinite)."""
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config["weight_decay"]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config["base_lr"], fused=True if device.type == "cuda" else None)
+    return torch.optim.AdamW(groups, lr=config["base_lr"], fused=True)
 
 
 def resolve_device(name, local_rank):
@@ -450,15 +452,31 @@ def build_model(config, num_classes, device, memory_format, amp_dtype, world_siz
     return model, optimizer, scheduler, scaler
 
 
+def step_unless_nonfinite(optimizer, grad_norm):
+    """optimizer.step(), made a no-op on the device when grad_norm is inf or NaN, so skipping a bad step
+    needs no host sync. The fused AdamW reads a `found_inf` tensor (the contract torch.amp.GradScaler
+    uses with fused optimizers) and, where it is 1, leaves weights, moments and step count untouched."""
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+    optimizer.grad_scale = None  # gradients are already unscaled
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
+
+
 def train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, autocast, grad_clip, device,
                memory_format=torch.contiguous_format):
-    """One optimizer step over `accum_steps` micro-batches -> (mean loss, pre-clip grad norm, stepped).
+    """One optimizer step over `accum_steps` micro-batches -> (mean loss, pre-clip grad norm, finite), all
+    tensors on the device: nothing here waits for the GPU, so the host can queue the next step meanwhile.
 
     Each micro-batch loss is divided by accum_steps, so the summed gradients are those of the mean
-    loss; DDP's no_sync skips the gradient all-reduce on all but the last micro-batch. Checking that
-    the grad norm is finite is the step's one host sync: a non-finite step is skipped (its gradients
-    dropped), so non-finite values never reach the weights. Under DDP the norm is of the all-reduced
-    gradients, so every rank makes the same decision."""
+    loss; DDP's no_sync skips the gradient all-reduce on all but the last micro-batch. A step whose
+    grad norm is not finite (a non-finite loss, or an fp16 overflow) is skipped, weights, optimizer state
+    and BatchNorm statistics alike, so non-finite values never reach the model; `finite` (bool) says
+    whether it was taken. Under DDP the norm is of the all-reduced gradients, so every rank makes the
+    same decision."""
+    buffers = list(model.buffers())  # BatchNorm statistics: updated by the forward passes, restored on a skip
+    buffers_before = [buffer.clone() for buffer in buffers]
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         images, masks = next(batches)
@@ -472,12 +490,13 @@ def train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, autocast
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    stepped = bool(torch.isfinite(grad_norm))
-    if stepped:
-        scaler.step(optimizer)
+    step_unless_nonfinite(optimizer, grad_norm)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, stepped
+    finite = torch.isfinite(grad_norm)
+    for buffer, before in zip(buffers, buffers_before):
+        buffer.copy_(torch.where(finite, buffer, before))
+    return loss_sum, grad_norm, finite
 
 
 @torch.inference_mode()
@@ -689,7 +708,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
 
     def checkpoint_now(step):
         global_batch = config["batch_size"] * config["accum_steps"] * world_size
-        progress.update(step=step, samples_seen=step * global_batch,
+        progress.update(step=step, samples_seen=step * global_batch, nonfinite_steps=int(nonfinite_total.item()),
                         epoch=step * global_batch // len(train_loader.dataset))
         save_checkpoint(run_dir / CHECKPOINT, raw_model, optimizer, scheduler, scaler, config, class_table.names,
                         progress, rank, world_size)
@@ -708,47 +727,58 @@ def train(config, checkpoint, rank, world_size, local_rank):
     batches = iter(train_loader)
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    log_loss, log_steps, consecutive_nonfinite, log_start = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    # per-step tallies stay on the device, read back once per log interval: the loop never waits for the GPU
+    log_loss, log_steps, nonfinite_run, longest_nonfinite_run = (torch.zeros((), device=device) for _ in range(4))
+    nonfinite_total = torch.tensor(float(progress["nonfinite_steps"]), device=device)
+    logged_nonfinite, interval_steps, log_start = progress["nonfinite_steps"], 0, time.perf_counter()
     try:
         while step < total_steps:
             lr = optimizer.param_groups[0]["lr"]
-            loss, grad_norm, stepped = train_step(train_model, batches, config["accum_steps"], loss_fn, optimizer,
-                                                  scaler, autocast, config["grad_clip"], device, memory_format)
+            loss, grad_norm, finite = train_step(train_model, batches, config["accum_steps"], loss_fn, optimizer,
+                                                 scaler, autocast, config["grad_clip"], device, memory_format)
             scheduler.step()
             step += 1
+            interval_steps += 1
             bar.update()
-            if stepped:
-                consecutive_nonfinite = 0
-                log_loss += loss
-                log_steps += 1
-            else:
-                progress["nonfinite_steps"] += 1
-                consecutive_nonfinite += 1
-                tqdm.write(f"step {step}: non-finite loss or gradients, step skipped")
-                if consecutive_nonfinite >= config["max_nonfinite_steps"]:
-                    sys.exit(f"error: {consecutive_nonfinite} consecutive non-finite steps (at step {step}); "
-                             f"lower --base_lr or --grad_clip, or try --amp off")
-            if step % config["log_interval"] == 0 or step == total_steps:
+            log_loss += torch.where(finite, loss, 0.0)
+            log_steps += finite
+            nonfinite_total += ~finite
+            nonfinite_run = torch.where(finite, 0.0, nonfinite_run + 1)
+            longest_nonfinite_run = torch.maximum(longest_nonfinite_run, nonfinite_run)
+            log_now = step % config["log_interval"] == 0 or step == total_steps
+            if log_now:
                 if world_size > 1:
                     dist.all_reduce(log_loss)
                 elapsed = time.perf_counter() - log_start
-                train_loss = (log_loss / (log_steps * world_size)).item() if log_steps else None
+                loss_sum, finite_steps, nonfinite_steps, longest_run, norm = torch.stack(
+                    [log_loss, log_steps, nonfinite_total, longest_nonfinite_run, grad_norm]).tolist()
+                progress["nonfinite_steps"] = int(nonfinite_steps)
+                if nonfinite_steps > logged_nonfinite:
+                    tqdm.write(f"step {step}: {int(nonfinite_steps - logged_nonfinite)} step(s) since the last log "
+                               "had a non-finite loss or gradients and were skipped")
+                    logged_nonfinite = int(nonfinite_steps)
+                if longest_run >= config["max_nonfinite_steps"]:
+                    sys.exit(f"error: {int(longest_run)} consecutive non-finite steps (at step {step}); "
+                             f"lower --base_lr or --grad_clip, or try --amp off")
+                train_loss = loss_sum / (finite_steps * world_size) if finite_steps else None
                 record = {"step": step, "epoch": step * images_per_step // len(train_loader.dataset),
-                          "train_loss": train_loss, "lr": lr,
-                          "grad_norm": grad_norm.item(), "img_per_s": log_steps * images_per_step / elapsed,
+                          "train_loss": train_loss, "lr": lr, "grad_norm": norm,
+                          "img_per_s": interval_steps * images_per_step / elapsed,
                           "nonfinite_steps": progress["nonfinite_steps"]}
                 if rank == 0:
                     log_record(run_dir, record)
                     bar.set_postfix(loss=f"{train_loss or math.nan:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{record['img_per_s']:.1f}")
-                log_loss.zero_()
-                log_steps, log_start = 0, time.perf_counter()
+                for tally in (log_loss, log_steps, longest_nonfinite_run):
+                    tally.zero_()
+                interval_steps, log_start = 0, time.perf_counter()
             if step % config["eval_interval"] == 0 and step < total_steps:
                 run_eval(step, config["eval_iterations"])
             if step % config["save_model_interval"] == 0 and step < total_steps:
                 checkpoint_now(step)
-            # a checkpoint at the last step would read as a finished run (see main): the last step just finishes
-            if step < total_steps and stop.agreed(device):
+            # a checkpoint at the last step would read as a finished run (see main): the last step just finishes.
+            # Under DDP, agreeing to stop is a collective that waits for the GPU, so ranks agree at log steps.
+            if step < total_steps and (world_size == 1 or log_now) and stop.agreed(device):
                 checkpoint_now(step)
                 if rank == 0:
                     print(f"interrupted at step {step}; checkpoint saved to {run_dir / CHECKPOINT}; continue with "

@@ -4,7 +4,7 @@
     python bench/train_step.py --device cuda --batch_size 32 --compile --record
 
 Candidates, timed round-robin in one run (median of --repeats):
-- ours:     training.py's own train_step, build_optimizer (fused AdamW on CUDA), autocast choice (bf16
+- ours:     training.py's own train_step, build_optimizer (fused AdamW), autocast choice (bf16
             on CUDA, off on CPU), backend settings (cuDNN benchmark, TF32) and the auto channels_last
             rule; the UNet and losses.CEDiceLoss; --compile wraps the model like --compile does there.
 - textbook: the same UNet trained the way a tutorial writes it: fp32, NCHW, F.cross_entropy plus a
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
 import training  # noqa: E402
-from dataset import IGNORE_INDEX, size_arg  # noqa: E402
+from dataset import IGNORE_INDEX  # noqa: E402
 from losses import CEDiceLoss  # noqa: E402
 from lr_schedule import WarmupInverseSqrtLR  # noqa: E402
 from unet import UNet  # noqa: E402
@@ -107,9 +107,10 @@ def build_step(name, options):
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def our_step():
-        training.train_step(step_model, batches, 1, loss_fn, optimizer, scaler, autocast, config["grad_clip"],
-                            device, memory_format)
+        loss, _, _ = training.train_step(step_model, batches, 1, loss_fn, optimizer, scaler, autocast,
+                                         config["grad_clip"], device, memory_format)
         scheduler.step()
+        return loss
 
     return our_step
 
@@ -131,8 +132,7 @@ def run(args):
     options = dict(device=str(device), base_channels=args.base_channels, depth=args.depth,
                    image_size=args.image_size, batch_size=args.batch_size, amp=args.amp,
                    channels_last=args.channels_last, compile=args.compile)
-    peak_tflops, peak_note = (args.peak_tflops, "--peak_tflops") if args.peak_tflops \
-        else harness.default_peak_tflops(device)
+    peak_tflops, peak_note = harness.peak_tflops(args, device)
     header = harness.machine_header(device)
     print(header)
     print(f"peak for % of peak: {peak_tflops:.2f} TFLOP/s ({peak_note})")
@@ -158,11 +158,7 @@ def run(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per step (default: 1)")
-    parser.add_argument("--image_size", type=size_arg, default=(512, 256), help="WxH (default: 512x256)")
-    parser.add_argument("--base_channels", type=int, default=64, help="UNet width (default: 64, the classic)")
-    parser.add_argument("--depth", type=int, default=4, help="UNet depth (default: 4)")
+    harness.add_step_arguments(parser)
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                         help="ours: autocast, as training.py --amp (default: auto)")
     parser.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
@@ -170,12 +166,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile the model")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES),
                         help="what to time (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--peak_tflops", type=float, help="peak for the %% of peak column")
     parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory probe (one step each)")
-    parser.add_argument("--record", action="store_true", help="append the results to bench/README.md")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.repeats, args.base_channels, args.depth) < 1 or args.warmup < 0:
         parser.error("--batch_size, --repeats, --base_channels and --depth must be >= 1, --warmup >= 0")

@@ -283,11 +283,11 @@ def test_accumulation_equals_one_larger_batch():
 
     def step(batches, grad_clip=0.0):
         trained = copy.deepcopy(model)
-        optimizer = torch.optim.AdamW(trained.parameters(), lr=0.1)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=0.1, fused=True)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss, norm, stepped = training.train_step(trained, iter(batches), len(batches), loss_fn, optimizer, scaler,
-                                                  contextlib.nullcontext, grad_clip, torch.device("cpu"))
-        assert stepped
+        loss, norm, finite = training.train_step(trained, iter(batches), len(batches), loss_fn, optimizer, scaler,
+                                                 contextlib.nullcontext, grad_clip, torch.device("cpu"))
+        assert finite
         return trained, loss, norm
 
     big, big_loss, big_norm = step([(images, masks)])
@@ -298,6 +298,111 @@ def test_accumulation_equals_one_larger_batch():
     assert not torch.equal(big.weight, model.weight)
     clipped, _, clipped_norm = step([(images, masks)], grad_clip=1e-3)
     assert torch.equal(clipped_norm, big_norm)  # the logged norm is the one before clipping
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_train_step_never_reads_a_tensor_back(monkeypatch, amp):
+    """No .item(), bool(), float(), .tolist() or .cpu() in a training step (on a GPU each waits for it to
+    finish), a NaN step included; the loop reads its tallies back only at log steps. fp16 brings the
+    GradScaler's unscale/update in."""
+    config = {**training.DEFAULTS, "device": "cpu", "base_channels": 4, "depth": 2, "amp": amp}
+    device, amp_dtype, memory_format = training.setup_device(config, 0, 1)
+    model, optimizer, _, scaler = training.build_model(config, 5, device, memory_format, amp_dtype, 1)
+    assert scaler.is_enabled() == (amp == "fp16")
+    images, masks = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
+    batches = iter([(images, masks), (images, masks), (images * float("nan"), masks)])
+    loss_fn = CEDiceLoss(5)
+
+    def refuse(*args, **kwargs):
+        raise HostReadError("a tensor was read back to the host")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    results = [training.train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, contextlib.nullcontext,
+                                   1.0, device) for accum_steps in (2, 1)]
+    monkeypatch.undo()
+    (_, norm, finite), (nan_loss, nan_norm, nan_finite) = results
+    assert finite.dtype == torch.bool and bool(finite) and float(norm) > 0
+    assert not bool(nan_finite) and nan_loss.isnan() and not nan_norm.isfinite()
+    assert optimizer.state[next(model.parameters())]["step"] == 1  # the NaN step was skipped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_step_on_cuda_does_not_sync():
+    """The same on a GPU, with training.py's CUDA defaults (bf16, channels_last, fused AdamW) and pinned
+    batches as the loader gives them: CUDA's sync debug mode turns any host sync into an error."""
+    config = {**training.DEFAULTS, "device": "cuda", "base_channels": 8, "depth": 2}
+    device, amp_dtype, memory_format = training.setup_device(config, 0, 1)
+    model, optimizer, _, scaler = training.build_model(config, 5, device, memory_format, amp_dtype, 1)
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    batches = iter([(images.pin_memory(), masks.pin_memory()) for images in (images, images, images * float("nan"))])
+    loss_fn = CEDiceLoss(5).to(device)
+
+    def step():
+        return training.train_step(model, batches, 1, loss_fn, optimizer, scaler,
+                                   lambda: torch.autocast("cuda", dtype=amp_dtype), 1.0, device, memory_format)
+
+    step()  # warm-up: cuDNN picks its algorithms
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [step(), step()]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(results[0][2]) and not bool(results[1][2])
+    assert optimizer.state[next(model.parameters())]["step"].item() == 2
+
+
+def test_nonfinite_step_leaves_weights_and_optimizer_untouched():
+    """A skipped step is no step at all: weights, Adam moments and the step count stay bit for bit, and
+    the next finite step equals the one a run without the bad batch would have taken (no dropout, whose
+    draws the bad step would have used up)."""
+    config = {**training.DEFAULTS, "device": "cpu", "base_channels": 4, "depth": 2, "dropout": 0.0}
+    images, masks = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
+
+    def states_after_each_step(batches):
+        model, optimizer, _, scaler = training.build_model(config, 5, torch.device("cpu"), torch.contiguous_format,
+                                                           None, 1)
+        states = []
+        for batch in batches:
+            training.train_step(model, iter([batch]), 1, CEDiceLoss(5), optimizer, scaler, contextlib.nullcontext,
+                                1.0, torch.device("cpu"))
+            states.append(copy.deepcopy((model.state_dict(), optimizer.state_dict()["state"])))
+        return states
+
+    clean = states_after_each_step([(images, masks), (images.flip(-1), masks.flip(-1))])
+    with_nan = states_after_each_step([(images, masks), (images * float("nan"), masks),
+                                       (images.flip(-1), masks.flip(-1))])
+    torch.testing.assert_close(with_nan[1], with_nan[0], rtol=0, atol=0)
+    torch.testing.assert_close(with_nan[2], clean[1], rtol=0, atol=0)
+
+
+def test_evaluate_matches_a_hand_count_and_records_no_graph():
+    """evaluate: loss averaged per image over all batches, the confusion matrix of argmax predictions,
+    under inference_mode (no autograd graph: evaluation memory stays that of a forward pass)."""
+    images = torch.zeros(3, 1, 2, 2)
+    images[:, 0, 0, 0] = 5.0  # class 1 where the pixel is 5, else class 0
+    masks = torch.tensor([[[1, 0], [0, 255]]] * 3)
+    model = torch.nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[[[-1.0]]], [[[1.0]]]]))
+        model.bias.zero_()
+    seen_grad_modes = []
+
+    def loss_fn(logits, target):
+        seen_grad_modes.append((torch.is_inference_mode_enabled(), logits.requires_grad))
+        return torch.full((), float(len(target)))  # 2 for a batch of 2, 1 for the last batch of 1
+
+    loader = torch.utils.data.DataLoader(list(zip(images, masks)), batch_size=2)
+    val_loss, results, confusion = training.evaluate(model, loader, loss_fn, 2, torch.device("cpu"),
+                                                     contextlib.nullcontext, torch.contiguous_format)
+    assert seen_grad_modes == [(True, False), (True, False)]
+    assert val_loss == pytest.approx((2 * 2 + 1 * 1) / 3)
+    assert confusion.tolist() == [[6, 0], [0, 3]]  # 9 labelled pixels (3 ignored), all right
+    assert results["miou"] == 1.0 and model.training
 
 
 class NaNLoss(CEDiceLoss):
@@ -314,8 +419,6 @@ class NaNLoss(CEDiceLoss):
         return loss
 
 
-# a skipped first step means the scheduler steps before the optimizer ever has: torch warns, harmlessly
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_nonfinite_step_is_skipped_and_repeats_stop(city, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "CEDiceLoss", NaNLoss)
     monkeypatch.setattr(NaNLoss, "calls", 0)
@@ -335,6 +438,28 @@ def test_nonfinite_step_is_skipped_and_repeats_stop(city, tmp_path, monkeypatch)
         training.main(tiny_args(city, tmp_path / "stop", "--training_iterations", "20", "--max_nonfinite_steps", "3"))
     assert "3 consecutive non-finite steps (at step 3)" in str(exit_info.value.code)
     assert not (tmp_path / "stop" / "checkpoint.pt").exists()
+
+
+def test_nonfinite_steps_are_tallied_on_the_device_and_read_at_log_steps(city, tmp_path, monkeypatch, capsys):
+    """With --log_interval 3 the loop learns of skipped steps only at steps 3, 6, ...: counts, the mean
+    loss of the steps taken and the longest run of bad steps are still exact."""
+    monkeypatch.setattr(training, "CEDiceLoss", NaNLoss)
+    monkeypatch.setattr(NaNLoss, "calls", 0)
+    monkeypatch.setattr(NaNLoss, "bad_calls", {2, 3})
+    run_dir = tmp_path / "skip"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "6", "--eval_interval", "10", "--log_interval",
+                            "3", "--max_nonfinite_steps", "3"))
+    train, _ = records(run_dir)
+    assert [(r["step"], r["nonfinite_steps"]) for r in train] == [(3, 2), (6, 2)]
+    assert "step 3: 2 step(s) since the last log had a non-finite loss or gradients" in capsys.readouterr().out
+    assert load(run_dir / "checkpoint.pt")["optimizer"]["state"][0]["step"] == 4
+
+    monkeypatch.setattr(NaNLoss, "calls", 0)
+    monkeypatch.setattr(NaNLoss, "bad_calls", None)
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(tiny_args(city, tmp_path / "stop", "--training_iterations", "20", "--log_interval", "4",
+                                "--max_nonfinite_steps", "3"))
+    assert "4 consecutive non-finite steps (at step 4)" in str(exit_info.value.code)
 
     broken = UNet(base_channels=4, depth=2)
     with torch.no_grad():
