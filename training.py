@@ -152,7 +152,7 @@ def build_parser():
          "others, off on CPU", choices=["auto", "bf16", "fp16", "off"])
     flag(system, "--channels_last", "NHWC memory format; auto = on for CUDA, off on CPU (slower there)",
          choices=["auto", "on", "off"])
-    flag(system, "--compile", "torch.compile the model", **switch)
+    flag(system, "--compile", "torch.compile the model and the loss (the first steps then take minutes)", **switch)
     flag(system, "--cudnn_benchmark", "CUDA: let cuDNN pick the fastest conv algorithms", **switch)
     flag(system, "--tf32", "CUDA: TF32 tensor cores for float32 matmuls and convs", **switch)
     flag(system, "--deterministic", "deterministic algorithms only (slower on GPU)", **switch)
@@ -452,6 +452,14 @@ def build_model(config, num_classes, device, memory_format, amp_dtype, world_siz
     return model, optimizer, scheduler, scaler
 
 
+def build_loss(num_classes, config, device):
+    """CE + Dice; with --compile it is compiled too: its float32 softmax, one-hot and sums over every pixel
+    and class are memory-bound element-wise passes that the compiler fuses (on a 2-core CPU its forward
+    and backward at 2 x 512x256 ran 2-3x faster compiled)."""
+    loss_fn = CEDiceLoss(num_classes, IGNORE_INDEX, config["ce_weight"], config["dice_weight"]).to(device)
+    return torch.compile(loss_fn) if config["compile"] else loss_fn
+
+
 def step_unless_nonfinite(optimizer, grad_norm):
     """optimizer.step(), made a no-op on the device when grad_norm is inf or NaN, so skipping a bad step
     needs no host sync. The fused AdamW reads a `found_inf` tensor (the contract torch.amp.GradScaler
@@ -682,7 +690,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
     model = torch.compile(raw_model) if config["compile"] else raw_model
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
-    loss_fn = CEDiceLoss(class_table.num_classes, IGNORE_INDEX, config["ce_weight"], config["dice_weight"]).to(device)
+    loss_fn = build_loss(class_table.num_classes, config, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

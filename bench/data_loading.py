@@ -28,6 +28,7 @@ import harness  # noqa: E402
 import synthetic_city  # noqa: E402
 from dataset import MEAN, STD, CityscapesDataset, DeviceCache, prepare  # noqa: E402
 from train_step import build_step  # noqa: E402
+from training import resolve_device  # noqa: E402
 
 BENCH_OUT = Path(__file__).resolve().parent / "out"
 RAW_SIZE = (2048, 1024)
@@ -55,8 +56,8 @@ class TorchvisionPair:
 
 
 class CachedPasses:
-    """Passes over training.py's --data_cache device path: the prepared split held as uint8 tensors,
-    each batch gathered and augmented in one go (here on the CPU, the only device this bench targets)."""
+    """Passes over training.py's --data_cache device path: the prepared split held as uint8 tensors on
+    --cache_device, each batch gathered and augmented there in one go."""
 
     def __init__(self, cache, batch_size):
         self.dataset, self.batch_size = cache, batch_size
@@ -80,15 +81,18 @@ def build_loaders(raw, prepared, args):
     loaders = {name: DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                                 persistent_workers=args.num_workers > 0)
                for name, dataset in datasets.items()}
-    cache = DeviceCache(CityscapesDataset(prepared, "train", TRAIN_SIZE), num_workers=args.num_workers)
-    loaders["prepared 512x256 + aug, --data_cache device (CPU)"] = CachedPasses(cache, args.batch_size)
+    cache = DeviceCache(CityscapesDataset(prepared, "train", TRAIN_SIZE), args.cache_device,
+                        num_workers=args.num_workers)
+    loaders[f"prepared 512x256 + aug, --data_cache device ({args.cache_device.type})"] = \
+        CachedPasses(cache, args.batch_size)
     return loaders
 
 
-def images_per_second(loaders, repeats):
-    """{name: median img/s} over full passes, round-robin, after one warm-up pass each (starts workers)."""
+def images_per_second(loaders, repeats, device):
+    """{name: median img/s} over full passes, round-robin, after one warm-up pass each (starts workers);
+    `device` (the cache's) is synchronised after each pass."""
     passes = {name: (lambda loader=loader: sum(len(images) for images, _ in loader)) for name, loader in loaders.items()}
-    times = harness.interleaved_times(passes, repeats, torch.device("cpu"))
+    times = harness.interleaved_times(passes, repeats, device)
     return {name: len(loaders[name].dataset) / harness.median(seconds) for name, seconds in times.items()}
 
 
@@ -107,11 +111,10 @@ def training_images_per_second(args):
 
 
 def run(args):
-    device = torch.device("cpu")
-    header = harness.machine_header(device)
+    header = harness.machine_header(args.cache_device)
     print(header)
     raw, prepared = ensure_data(args.num_images)
-    rates = images_per_second(build_loaders(raw, prepared, args), args.repeats)
+    rates = images_per_second(build_loaders(raw, prepared, args), args.repeats, args.cache_device)
     reference = rates["raw 2048x1024"]
     rows = [[name, f"{rate:.1f}", f"{rate / reference:.2f}x"] for name, rate in rates.items()]
     body = (f"{args.num_workers} workers, batch {args.batch_size}, {len(CityscapesDataset(raw, 'train', TRAIN_SIZE))} "
@@ -136,10 +139,14 @@ def parse_args(argv=None):
     parser.add_argument("--base_channels", type=int, default=64, help="model for the training rate (default: 64)")
     parser.add_argument("--train_steps", type=int, default=2, help="timed training steps (default: 2)")
     parser.add_argument("--train_img_s", type=float, help="skip measuring training, use this img/s")
+    parser.add_argument("--cache_device", default="cpu",
+                        help="where the --data_cache device row keeps and augments the split: cpu, cuda, auto "
+                             "(default: cpu)")
     parser.add_argument("--record", action="store_true", help="append the results to bench/README.md")
     args = parser.parse_args(argv)
     if min(args.num_images, args.batch_size, args.repeats, args.train_steps) < 1 or args.num_workers < 0:
         parser.error("--num_images, --batch_size, --repeats, --train_steps must be >= 1, --num_workers >= 0")
+    args.cache_device = resolve_device(args.cache_device, 0)
     return args
 
 

@@ -2,6 +2,8 @@
 
     python bench/epoch.py                                          # CPU: a 4-image subset, 1 epoch
     python bench/epoch.py --device cuda --train_images 2975 --epochs 10 --batch_size 32 --compile --record
+    python bench/epoch.py --device cuda --train_images 2975 --epochs 10 --batch_size 32 --compile \
+        --data_cache device --record
 
 Runs the real training.py (a subprocess, as a user would) on the synthetic city at Cityscapes'
 training size (512x256), classic U-Net (base 64), no periodic evaluation (one final one, as every
@@ -33,8 +35,7 @@ SEED_IMAGES_PER_SECOND = 10 * 2975 / (4.5 * 3600)  # the seed's 10 epochs on an 
 
 def run(args):
     device = resolve_device(args.device, 0)
-    peak_tflops, peak_note = (args.peak_tflops, "--peak_tflops") if args.peak_tflops \
-        else harness.default_peak_tflops(device)
+    peak_tflops, peak_note = harness.peak_tflops(args, device)
     header = harness.machine_header(device)
     print(header)
     data_root = BENCH_OUT / f"synthetic_512x256_{args.train_images}"
@@ -47,7 +48,8 @@ def run(args):
                "--accum_steps", "1", "--training_iterations", str(steps), "--eval_interval", str(steps),
                "--save_model_interval", str(steps), "--log_interval", str(max(1, min(10, steps // 4))),
                "--device", args.device, "--num_workers", str(args.num_workers), "--out_dir", str(run_dir),
-               "--model_path", str(run_dir / "unet_model.pth")] + (["--compile"] if args.compile else [])
+               "--model_path", str(run_dir / "unet_model.pth"), "--data_cache", args.data_cache] + \
+        (["--compile"] if args.compile else [])
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)
     wall = time.perf_counter() - start
@@ -61,7 +63,7 @@ def run(args):
             ["steady training (metrics.jsonl)", f"{images / steady:.1f} s of training", f"{steady:.2f} img/s",
              f"{100 * steady * flops_per_image / 1e12 / peak_tflops:.1f}%"]]
     body = (f"{args.epochs} epoch(s) of {args.train_images} synthetic 512x256 images, UNet base 64, batch "
-            f"{args.batch_size}, compile {args.compile}, {args.num_workers} workers; "
+            f"{args.batch_size}, compile {args.compile}, data cache {args.data_cache}, {args.num_workers} workers; "
             f"{flops_per_image / 1e9:.0f} GFLOP per training image; peak {peak_tflops:.2f} TFLOP/s ({peak_note})\n\n")
     body += harness.format_table(["measure", "time", "throughput", "MFU"], rows)
     body += (f"\n\nsteady img/s vs the seed's reported 1.85 img/s (RTX 4090): {steady / SEED_IMAGES_PER_SECOND:.2f}x; "
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="training.py --num_workers (default: min(8, cores))")
     parser.add_argument("--compile", action="store_true", help="training.py --compile")
+    parser.add_argument("--data_cache", choices=["off", "device"], default="off",
+                        help="training.py --data_cache (default: off)")
     parser.add_argument("--peak_tflops", type=float, help="peak for MFU")
     parser.add_argument("--record", action="store_true", help="append the results to bench/README.md")
     args = parser.parse_args(argv)

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import size_arg  # noqa: E402
+
 README = Path(__file__).resolve().parent / "README.md"
 # H100 SXM dense bf16 tensor-core peak (TFLOP/s); the MFU denominator on CUDA unless --peak_tflops says otherwise.
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -37,6 +40,25 @@ def cpu_ghz():
         if line.startswith("cpu MHz"):
             return float(line.split(":", 1)[1]) / 1000
     return 2.0
+
+
+def add_step_arguments(parser, batch_size_help="images per step (default: 1)"):
+    """The flags of the benches that time one training step: device, batch, size, model, timing, peak."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    parser.add_argument("--batch_size", type=int, default=1, help=batch_size_help)
+    parser.add_argument("--image_size", type=size_arg, default=(512, 256), help="WxH (default: 512x256)")
+    parser.add_argument("--base_channels", type=int, default=64, help="UNet width (default: 64, the classic)")
+    parser.add_argument("--depth", type=int, default=4, help="UNet depth (default: 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--peak_tflops", type=float, help="peak for the %% of peak column")
+    parser.add_argument("--record", action="store_true", help="append the results to bench/README.md")
+
+
+def peak_tflops(args, device):
+    """(peak TFLOP/s, how it was chosen): --peak_tflops when given, else default_peak_tflops."""
+    return (args.peak_tflops, "--peak_tflops") if args.peak_tflops else default_peak_tflops(device)
 
 
 def default_peak_tflops(device):

@@ -6,7 +6,7 @@
 Candidates, timed round-robin in one run (median of --repeats):
 - ours:     training.py's own train_step, build_optimizer (fused AdamW), autocast choice (bf16
             on CUDA, off on CPU), backend settings (cuDNN benchmark, TF32) and the auto channels_last
-            rule; the UNet and losses.CEDiceLoss; --compile wraps the model like --compile does there.
+            rule; the UNet and losses.CEDiceLoss; --compile compiles model and loss as --compile does there.
 - textbook: the same UNet trained the way a tutorial writes it: fp32, NCHW, F.cross_entropy plus a
             one-hot soft Dice, plain for-loop AdamW, `.item()` on every step.
 - smp:      segmentation_models_pytorch.Unet(resnet34, random init, 19 classes), with our step, so the
@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
 import training  # noqa: E402
 from dataset import IGNORE_INDEX  # noqa: E402
-from losses import CEDiceLoss  # noqa: E402
 from lr_schedule import WarmupInverseSqrtLR  # noqa: E402
 from unet import UNet  # noqa: E402
 
@@ -99,7 +98,7 @@ def build_step(name, options):
         scheduler = WarmupInverseSqrtLR(optimizer, config["warmup_steps"], config["decay_factor"], config["min_lr"])
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
-    loss_fn = CEDiceLoss(NUM_CLASSES, IGNORE_INDEX).to(device)
+    loss_fn = training.build_loss(NUM_CLASSES, config, device)
     step_model = torch.compile(model) if options["compile"] else model
     batches = itertools.repeat((images, masks))
 
@@ -163,7 +162,7 @@ def parse_args(argv=None):
                         help="ours: autocast, as training.py --amp (default: auto)")
     parser.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
                         help="ours: memory format, as training.py --channels_last (default: auto)")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile model and loss, as training.py")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES),
                         help="what to time (default: all)")
     parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory probe (one step each)")

@@ -273,6 +273,20 @@ def test_resuming_a_finished_run_changes_nothing_unless_given_more_steps(city, t
     assert load(run_dir / "checkpoint.pt")["step"] == 3
 
 
+def test_compile_trains_like_eager(city, tmp_path):
+    """--compile (model and loss) gives the eager run's losses and metrics up to float rounding."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        training.main(tiny_args(city, tmp_path / name, "--training_iterations", "3", "--dropout", "0", *extra))
+        runs[name] = records(tmp_path / name)
+    (eager_train, eager_evals), (compiled_train, compiled_evals) = runs["eager"], runs["compiled"]
+    assert [r["train_loss"] for r in compiled_train] == pytest.approx([r["train_loss"] for r in eager_train],
+                                                                      rel=1e-4)
+    assert compiled_evals[-1]["val_loss"] == pytest.approx(eager_evals[-1]["val_loss"], rel=1e-4)
+    assert load(tmp_path / "compiled" / "best_model.pth")["model"].keys() == \
+        load(tmp_path / "eager" / "best_model.pth")["model"].keys()  # no "_orig_mod." prefixes
+
+
 def test_accumulation_equals_one_larger_batch():
     """accum 2 x batch 2 == batch 4, on a model without BatchNorm (whose statistics are per micro-batch)
     and a per-image-mean loss (CE, every pixel labelled; the batch-level Dice is not a per-image mean)."""

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU measurement of bench/README.md, in three parts that each fit a 10-minute call on one H100:
+#
+#   bash bench/gpu_session.sh 1    # training step: ours vs textbook vs smp, each fast path on/off
+#   bash bench/gpu_session.sh 2    # torch.compile, and the headline: 10 epochs of training.py (data cache), MFU
+#   bash bench/gpu_session.sh 3    # 1 epoch with loader workers instead, data loading, inference, layout
+#
+# Each script runs with --record, which appends its results to bench/README.md; at the end the
+# updated bench/README.md and the whole log are copied to $OUT (the device tool's folder that comes
+# back), or to bench/out/ without it. A failing script is reported and the next one still runs.
+# segmentation_models_pytorch (the smp row) is taken from wheels in .whl/ when present, for a machine
+# with no package index: `pip download --no-deps -d .whl segmentation-models-pytorch==0.6.0` beforehand.
+# DRY_RUN=1 checks the plumbing on a CPU in a few minutes: tiny sizes, nothing recorded.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: bash bench/gpu_session.sh 1|2|3}
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+    device=cpu batch=2 size=64x32 images=4 epochs=1 repeats=1 base=8 raw_images=10 photos=2 record=()
+else
+    device=cuda batch=32 size=512x256 images=2975 epochs=10 repeats=10 base=64 raw_images=160 photos=64
+    record=(--record)
+fi
+out=${OUT:-bench/out}
+mkdir -p "$out"
+log="$out/gpu_session_$part.log"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site .whl/*.whl &&
+        export PYTHONPATH=/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+smp=$(python3 -c "import segmentation_models_pytorch" 2>/dev/null && echo smp)
+
+bench() {
+    echo "+ python3 $*" | tee -a "$log"
+    python3 "$@" "${record[@]}" 2>&1 | tee -a "$log" || echo "FAILED (exit ${PIPESTATUS[0]}): $*" | tee -a "$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee -a "$log"
+common=(--device "$device" --batch_size "$batch" --image_size "$size" --base_channels "$base")
+case $part in
+1)
+    bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours textbook $smp
+    bench bench/fast_paths.py "${common[@]}" --repeats "$repeats" --steps_per_call 5
+    ;;
+2)
+    bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours --compile
+    bench bench/epoch.py --device "$device" --batch_size "$batch" --train_images "$images" --epochs "$epochs" \
+        --compile --data_cache device
+    ;;
+3)
+    bench bench/epoch.py --device "$device" --batch_size "$batch" --train_images "$images" --epochs 1 --compile
+    bench bench/data_loading.py --num_workers 8 --batch_size 8 --base_channels "$base" --num_images "$raw_images" \
+        --repeats 3 --cache_device "$device"
+    bench bench/inference_speed.py --device "$device" --base_channels "$base" --batch_size 16 --num_workers 8 \
+        --num_images "$photos" --repeats "$repeats"
+    bench bench/layout.py --device "$device" --batch_sizes 8 "$batch" --image_size "$size" --base_channels "$base" \
+        --repeats "$repeats"
+    ;;
+*)
+    echo "usage: bash bench/gpu_session.sh 1|2|3" >&2
+    exit 2
+    ;;
+esac
+cp bench/README.md "$out/bench_README.md"
