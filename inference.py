@@ -313,8 +313,8 @@ def train_to_label_ids(class_table):
 def use_channels_last(choice):
     """auto: on. NHWC is oneDNN's fastest layout for inference on CPUs (1.21-1.29x over NCHW for the
     classic U-Net at 512x256, bench/README.md) and, by cuDNN's design, for tensor-core convs on GPUs
-    (not yet measured here); training on CPU is the exception, which is why training.py decides on
-    its own."""
+    (not yet measured here); training on AVX2 CPUs is the exception, which is why training.py decides
+    on its own (training.resolve_channels_last)."""
     return choice != "off"
 
 

@@ -150,7 +150,8 @@ def build_parser():
     flag(system, "--device", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     flag(system, "--amp", "autocast dtype; auto = bf16 on GPUs that support it, fp16 with a GradScaler on "
          "others, off on CPU", choices=["auto", "bf16", "fp16", "off"])
-    flag(system, "--channels_last", "NHWC memory format; auto = on for CUDA, off on CPU (slower there)",
+    flag(system, "--channels_last", "NHWC memory format; auto = on for CUDA and AVX-512 CPUs, off on other CPUs "
+         "(slower there)",
          choices=["auto", "on", "off"])
     flag(system, "--compile", "torch.compile the model and the loss (the first steps then take minutes)", **switch)
     flag(system, "--cudnn_benchmark", "CUDA: let cuDNN pick the fastest conv algorithms", **switch)
@@ -421,6 +422,16 @@ def resolve_amp_dtype(amp, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def resolve_channels_last(choice, device):
+    """--channels_last auto -> NHWC on CUDA (tensor-core convs want it) and on AVX-512 CPUs, where oneDNN's
+    NHWC kernels trained the classic U-Net 1.11x and the demo 1.27x faster; NCHW on other CPUs: on an AVX2
+    EPYC, NHWC trained the classic U-Net 1.37x slower (bench/README.md)."""
+    if choice != "auto":
+        return choice == "on"
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+
+
 def setup_device(config, local_rank, world_size):
     """Device, process group and backend flags -> (device, autocast dtype or None, memory format)."""
     device = resolve_device(config["device"], local_rank)
@@ -434,9 +445,8 @@ def setup_device(config, local_rank, world_size):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if config["sync_bn"] and world_size > 1 and device.type != "cuda":
         raise ValueError("--sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-    channels_last = config["channels_last"] == "on" or (config["channels_last"] == "auto" and device.type == "cuda")
     return (device, resolve_amp_dtype(config["amp"], device),
-            torch.channels_last if channels_last else torch.contiguous_format)
+            torch.channels_last if resolve_channels_last(config["channels_last"], device) else torch.contiguous_format)
 
 
 def build_model(config, num_classes, device, memory_format, amp_dtype, world_size):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of bench/README.md, in three parts that each fit a 10-minute call on one H100:
 #
-#   bash bench/gpu_session.sh 1    # training step: ours vs textbook vs smp, each fast path on/off
+#   bash bench/gpu_session.sh 1    # CUDA-only tests; training step: ours vs textbook vs smp, fast paths
 #   bash bench/gpu_session.sh 2    # torch.compile, and the headline: 10 epochs of training.py (data cache), MFU
 #   bash bench/gpu_session.sh 3    # 1 epoch with loader workers instead, data loading, inference, layout
 #
@@ -40,6 +40,8 @@ bench() {
 common=(--device "$device" --batch_size "$batch" --image_size "$size" --base_channels "$base")
 case $part in
 1)
+    echo "+ CUDA-only tests (no host sync in the training step and in the metric)" | tee -a "$log"
+    python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_metrics.py -k cuda 2>&1 | tee -a "$log"
     bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours textbook $smp
     bench bench/fast_paths.py "${common[@]}" --repeats "$repeats" --steps_per_call 5
     ;;

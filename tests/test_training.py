@@ -557,3 +557,11 @@ def test_ddp_two_processes_train_like_one_with_the_same_global_batch(city, tmp_p
     assert [r["train_loss"] for r in ddp_train] == pytest.approx([r["train_loss"] for r in single_train], rel=1e-5)
     # the confusion matrices of the two val shards are summed: every labelled val pixel counted once
     assert [r["val_pixels"] for r in ddp_evals] == [r["val_pixels"] for r in single_evals]
+
+
+@pytest.mark.parametrize("choice, device, capability, expected", [
+    ("auto", "cuda", "AVX2", True), ("auto", "cpu", "AVX512", True), ("auto", "cpu", "AVX2", False),
+    ("auto", "cpu", "DEFAULT", False), ("on", "cpu", "AVX2", True), ("off", "cuda", "AVX512", False)])
+def test_channels_last_auto_follows_the_measured_layouts(monkeypatch, choice, device, capability, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert training.resolve_channels_last(choice, torch.device(device)) is expected
