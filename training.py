@@ -126,8 +126,8 @@ def build_parser():
          type=float)
     flag(optim, "--weight_decay", "AdamW weight decay of conv weights", type=float)
     flag(optim, "--grad_clip", "clip gradients to this global norm, 0 = off", type=float)
-    flag(optim, "--max_nonfinite_steps", "stop after this many consecutive steps with a non-finite loss or "
-         "gradients (each is skipped; checked at every log step)", type=int)
+    flag(optim, "--max_nonfinite_steps", "stop after this many consecutive steps with non-finite gradients, as "
+         "a NaN or inf loss gives (each is skipped; checked at every log step)", type=int)
     evaluation = parser.add_argument_group("evaluation, logging and checkpoints")
     flag(evaluation, "--eval_interval", "evaluate every this many optimizer steps (and at the end)", type=int)
     flag(evaluation, "--eval_iterations", "val batches (per process) of a periodic evaluation, 0 = the whole val "
@@ -388,7 +388,7 @@ def build_data(config, rank, world_size, device, start_step):
     return train_loader, val_loader, snapshot, train_set.class_table
 
 
-def build_optimizer(model, config, device):
+def build_optimizer(model, config):
     """AdamW: Adam's per-parameter step sizes train a from-scratch U-Net robustly, and its weight decay is
     decoupled from the adaptive update (Loshchilov & Hutter), so it shrinks weights at the same rate
     whatever their gradient history. Only conv weights decay: decaying BatchNorm scales just fights the
@@ -456,7 +456,7 @@ def build_model(config, num_classes, device, memory_format, amp_dtype, world_siz
     if config["sync_bn"] and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, config, device)
+    optimizer = build_optimizer(model, config)
     scheduler = WarmupInverseSqrtLR(optimizer, config["warmup_steps"], config["decay_factor"], config["min_lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return model, optimizer, scheduler, scaler
@@ -470,11 +470,11 @@ def build_loss(num_classes, config, device):
     return torch.compile(loss_fn) if config["compile"] else loss_fn
 
 
-def step_unless_nonfinite(optimizer, grad_norm):
-    """optimizer.step(), made a no-op on the device when grad_norm is inf or NaN, so skipping a bad step
-    needs no host sync. The fused AdamW reads a `found_inf` tensor (the contract torch.amp.GradScaler
+def step_unless_nonfinite(optimizer, finite):
+    """optimizer.step(), made a no-op on the device when the bool tensor `finite` is False, so skipping a
+    bad step needs no host sync. The fused AdamW reads a `found_inf` tensor (the contract torch.amp.GradScaler
     uses with fused optimizers) and, where it is 1, leaves weights, moments and step count untouched."""
-    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = (~finite).float()
     optimizer.grad_scale = None  # gradients are already unscaled
     try:
         optimizer.step()
@@ -488,11 +488,11 @@ def train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, autocast
     tensors on the device: nothing here waits for the GPU, so the host can queue the next step meanwhile.
 
     Each micro-batch loss is divided by accum_steps, so the summed gradients are those of the mean
-    loss; DDP's no_sync skips the gradient all-reduce on all but the last micro-batch. A step whose
-    grad norm is not finite (a non-finite loss, or an fp16 overflow) is skipped, weights, optimizer state
-    and BatchNorm statistics alike, so non-finite values never reach the model; `finite` (bool) says
-    whether it was taken. Under DDP the norm is of the all-reduced gradients, so every rank makes the
-    same decision."""
+    loss; DDP's no_sync skips the gradient all-reduce on all but the last micro-batch. A step whose grad
+    norm is not finite (a NaN or inf loss makes it so, as does an fp16 overflow) is skipped, weights,
+    optimizer state and BatchNorm statistics alike, so non-finite values never reach the model; `finite`
+    (bool) says whether it was taken. Under DDP the norm is of the all-reduced gradients, so every rank
+    makes the same decision (a loss, being per rank, could not decide)."""
     buffers = list(model.buffers())  # BatchNorm statistics: updated by the forward passes, restored on a skip
     buffers_before = [buffer.clone() for buffer in buffers]
     loss_sum = torch.zeros((), device=device)
@@ -508,10 +508,10 @@ def train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, autocast
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    step_unless_nonfinite(optimizer, grad_norm)
+    finite = torch.isfinite(grad_norm)
+    step_unless_nonfinite(optimizer, finite)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    finite = torch.isfinite(grad_norm)
     for buffer, before in zip(buffers, buffers_before):
         buffer.copy_(torch.where(finite, buffer, before))
     return loss_sum, grad_norm, finite
@@ -601,6 +601,8 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, config, class_nam
 def load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, rank, world_size):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # CPU checkpoints of versions before the sync-free loop say fused=None
+        group.update(fused=True, foreach=None)
     scheduler.load_state_dict(checkpoint["scheduler"])
     scaler.load_state_dict(checkpoint["scaler"])
     if len(checkpoint["rng"]) == world_size:
@@ -667,7 +669,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        print("\nstop requested: saving a checkpoint after this step (under torchrun: at the next log step; Ctrl-C "
+              "again to abort)", file=sys.stderr)
 
     def agreed(self, device):
         """Under DDP every rank stops at the same step: the flag is max-reduced."""
@@ -773,7 +776,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
                 progress["nonfinite_steps"] = int(nonfinite_steps)
                 if nonfinite_steps > logged_nonfinite:
                     tqdm.write(f"step {step}: {int(nonfinite_steps - logged_nonfinite)} step(s) since the last log "
-                               "had a non-finite loss or gradients and were skipped")
+                               "had non-finite gradients and were skipped")
                     logged_nonfinite = int(nonfinite_steps)
                 if longest_run >= config["max_nonfinite_steps"]:
                     sys.exit(f"error: {int(longest_run)} consecutive non-finite steps (at step {step}); "

@@ -4,17 +4,19 @@ one fast path switched off (or, where the default leaves it off, on), all timed 
     python bench/fast_paths.py                                      # CPU, classic U-Net at 512x256, batch 1
     python bench/fast_paths.py --device cuda --batch_size 32 --steps_per_call 5 --compile --record
 
-Rows (CUDA-only switches are left out on the CPU, where they do nothing):
+Rows (CUDA-only switches are left out on the CPU, where training.py does not use them):
 - defaults:              what `python training.py` does on this device (bench/train_step.py "ours")
-- amp off:               float32 instead of bf16 autocast (TF32 tensor cores still on, as training.py's default)
+- amp off:               float32 instead of bf16 autocast, TF32 tensor cores still on (CUDA)
 - amp off, TF32 off:     float32 the way PyTorch does it out of the box for matmuls (CUDA)
-- channels_last flipped: NCHW on CUDA (where NHWC is the default), NHWC on the CPU (where NCHW is)
-- cudnn.benchmark off:   cuDNN's heuristic conv algorithms instead of timed ones (CUDA)
+- channels_last on/off:  the other memory format than --channels_last auto picks on this device
 - host sync every step:  `.item()` on each step's loss, as tutorial loops do: the host then waits for
                          the GPU instead of queueing the next step (visible with --steps_per_call > 1)
-- compile:               --compile, torch.compile of the model (with --compile only: it takes minutes)
-Pinned memory, loader workers and the device data cache concern the input pipeline, which this step
-does not use: bench/data_loading.py and bench/epoch.py (--data_cache device) measure those.
+- compile:               --compile, torch.compile of model and loss (with --compile only: it takes minutes)
+cudnn.benchmark has no row: cuDNN's plan cache is keyed without it, so in one process an "off" row
+would reuse the plans the defaults row benchmarked; `bench/train_step.py --cudnn_benchmark off`
+measures it in a process of its own. Pinned memory, loader workers and the device data cache concern
+the input pipeline, which this step does not use: bench/data_loading.py and bench/epoch.py
+(--data_cache device) measure those.
 """
 import argparse
 import os
@@ -28,13 +30,12 @@ import training  # noqa: E402
 from train_step import build_step, training_flops  # noqa: E402
 
 
-def candidate(options, steps_per_call, cudnn_benchmark=True, tf32=True, host_sync=False):
-    """A callable running `steps_per_call` training steps under its own backend flags (process-wide
-    switches, so each call sets them before it runs)."""
+def candidate(options, steps_per_call, tf32=True, host_sync=False):
+    """A callable running `steps_per_call` training steps under its own TF32 switch (process-wide, so
+    each call sets it before it runs)."""
     step = build_step("ours", options)
 
     def run():
-        torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         for _ in range(steps_per_call):
             loss = step()
@@ -46,15 +47,12 @@ def candidate(options, steps_per_call, cudnn_benchmark=True, tf32=True, host_syn
 
 def candidates(options, device, steps_per_call, with_compile):
     """{row name: callable}: the defaults, then one switch flipped per row."""
-    on_cuda = device.type == "cuda"
-    rows = {"defaults": candidate(options, steps_per_call),
-            "amp off": candidate({**options, "amp": "off"}, steps_per_call)}
-    if on_cuda:
+    rows = {"defaults": candidate(options, steps_per_call)}
+    if device.type == "cuda":
+        rows["amp off"] = candidate({**options, "amp": "off"}, steps_per_call)
         rows["amp off, TF32 off"] = candidate({**options, "amp": "off"}, steps_per_call, tf32=False)
-    rows["channels_last off" if on_cuda else "channels_last on"] = candidate(
-        {**options, "channels_last": "off" if on_cuda else "on"}, steps_per_call)
-    if on_cuda:
-        rows["cudnn.benchmark off"] = candidate(options, steps_per_call, cudnn_benchmark=False)
+    flipped = "off" if training.resolve_channels_last("auto", device) else "on"
+    rows[f"channels_last {flipped}"] = candidate({**options, "channels_last": flipped}, steps_per_call)
     rows["host sync every step"] = candidate(options, steps_per_call, host_sync=True)
     if with_compile:
         rows["compile"] = candidate({**options, "compile": True}, steps_per_call)

@@ -8,8 +8,11 @@
 # Each script runs with --record, which appends its results to bench/README.md; at the end the
 # updated bench/README.md and the whole log are copied to $OUT (the device tool's folder that comes
 # back), or to bench/out/ without it. A failing script is reported and the next one still runs.
-# segmentation_models_pytorch (the smp row) is taken from wheels in .whl/ when present, for a machine
-# with no package index: `pip download --no-deps -d .whl segmentation-models-pytorch==0.6.0` beforehand.
+# It first checks that the runtime and test packages import, and stops if one does not.
+# segmentation_models_pytorch (the smp row; it needs timm, huggingface_hub and safetensors, which the
+# H100 image has) is installed from wheels in .whl/ when present, for a machine with no package index:
+# `pip download --no-deps -d .whl segmentation-models-pytorch==0.6.0` beforehand, and name .whl in the
+# device tool's `carry` (it is git-ignored). Without it the smp row is left out, with a line saying so.
 # DRY_RUN=1 checks the plumbing on a CPU in a few minutes: tiny sizes, nothing recorded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site .whl/*.whl &&
         export PYTHONPATH=/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}
 fi
+python3 -c "import torch, torchvision, numpy, PIL, matplotlib, tqdm, pytest" 2>&1 | tee -a "$log" ||
+    { echo "missing packages: see above" | tee -a "$log"; exit 1; }
 smp=$(python3 -c "import segmentation_models_pytorch" 2>/dev/null && echo smp)
+[[ -n $smp ]] || echo "segmentation_models_pytorch does not import: the smp row is left out" | tee -a "$log"
 
 bench() {
     echo "+ python3 $*" | tee -a "$log"
@@ -40,9 +46,13 @@ bench() {
 common=(--device "$device" --batch_size "$batch" --image_size "$size" --base_channels "$base")
 case $part in
 1)
-    echo "+ CUDA-only tests (no host sync in the training step and in the metric)" | tee -a "$log"
-    python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_metrics.py -k cuda 2>&1 | tee -a "$log"
+    tests=(-m pytest -q -p no:cacheprovider tests/test_training.py tests/test_metrics.py tests/test_device_cache.py
+           -k cuda)
+    [[ $device == cuda ]] || tests+=(--collect-only)  # a dry run only checks that they are found
+    echo "+ python3 ${tests[*]}" | tee -a "$log"
+    python3 "${tests[@]}" 2>&1 | tee -a "$log" || echo "FAILED (exit ${PIPESTATUS[0]}): CUDA-only tests" | tee -a "$log"
     bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours textbook $smp
+    bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours --cudnn_benchmark off
     bench bench/fast_paths.py "${common[@]}" --repeats "$repeats" --steps_per_call 5
     ;;
 2)

@@ -64,9 +64,9 @@ def textbook_loss(logits, masks):
 
 
 def our_config(options):
-    """training.py's defaults with the bench's model and speed flags."""
-    keys = ("device", "base_channels", "depth", "amp", "channels_last", "compile")
-    return {**training.DEFAULTS, **{key: options[key] for key in keys}}
+    """training.py's defaults with the bench's model and speed flags (those `options` sets)."""
+    keys = ("device", "base_channels", "depth", "amp", "channels_last", "compile", "cudnn_benchmark")
+    return {**training.DEFAULTS, **{key: options[key] for key in keys if key in options}}
 
 
 def build_step(name, options):
@@ -94,7 +94,7 @@ def build_step(name, options):
                                                                    amp_dtype, 1)
     else:  # another network through our loop: build_model's steps, for a model it does not build
         model = build_network(name, options).to(device, memory_format=memory_format)
-        optimizer = training.build_optimizer(model, config, device)
+        optimizer = training.build_optimizer(model, config)
         scheduler = WarmupInverseSqrtLR(optimizer, config["warmup_steps"], config["decay_factor"], config["min_lr"])
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
@@ -130,7 +130,8 @@ def run(args):
         torch.set_num_threads(args.threads)
     options = dict(device=str(device), base_channels=args.base_channels, depth=args.depth,
                    image_size=args.image_size, batch_size=args.batch_size, amp=args.amp,
-                   channels_last=args.channels_last, compile=args.compile)
+                   channels_last=args.channels_last, compile=args.compile,
+                   cudnn_benchmark=args.cudnn_benchmark == "on")
     peak_tflops, peak_note = harness.peak_tflops(args, device)
     header = harness.machine_header(device)
     print(header)
@@ -148,7 +149,8 @@ def run(args):
                      f"{100 * tflops / peak_tflops:.1f}%", memory])
     width, height = args.image_size
     body = (f"{args.batch_size} x {width}x{height}, UNet base {args.base_channels} depth {args.depth}, amp "
-            f"{args.amp}, channels_last {args.channels_last}, compile {args.compile}; median of {args.repeats} "
+            f"{args.amp}, channels_last {args.channels_last}, compile {args.compile}, cudnn.benchmark "
+            f"{args.cudnn_benchmark}; median of {args.repeats} "
             f"interleaved steps; peak {peak_tflops:.2f} TFLOP/s ({peak_note})\n\n")
     body += harness.format_table(["candidate", "s/step", "img/s", "time vs ours", "TFLOP/s", "% of peak",
                                   "peak mem MiB"], rows)
@@ -163,6 +165,8 @@ def parse_args(argv=None):
     parser.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
                         help="ours: memory format, as training.py --channels_last (default: auto)")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile model and loss, as training.py")
+    parser.add_argument("--cudnn_benchmark", choices=["on", "off"], default="on",
+                        help="ours: training.py --cudnn_benchmark; CUDA only (default: on)")
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES),
                         help="what to time (default: all)")
     parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory probe (one step each)")

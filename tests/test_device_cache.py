@@ -124,6 +124,20 @@ def test_augmentation_is_a_pure_function_of_each_sample_seed(train_set):
     assert torch.equal(alone[0][0], first[0][2]) and torch.equal(alone[1][0], first[1][2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augmented_batches_on_cuda_do_not_sync(train_set):
+    """--data_cache device exists to make the input pipeline free on a GPU: building an augmented batch
+    there must never wait for the GPU (CUDA's sync debug mode makes any wait an error)."""
+    cache = DeviceCache(train_set, "cuda")
+    cache.batch([0, 1], [5, 6])  # warm-up: first kernels, pinned-memory pool
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, masks = cache.batch([1, 0, 1], [7, 8, 9])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.is_cuda and images.shape == (3, 3, HEIGHT, WIDTH) and masks.shape == (3, HEIGHT, WIDTH)
+
+
 def test_unlabelled_split_cannot_be_cached(make_cityscapes):
     with pytest.raises(ValueError, match="'test' has no labels"):
         DeviceCache(CityscapesDataset(make_cityscapes(), "test", SIZE))

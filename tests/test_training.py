@@ -4,6 +4,7 @@ one-line errors for bad flags, paths and data files."""
 import contextlib
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -343,6 +344,8 @@ def test_train_step_never_reads_a_tensor_back(monkeypatch, amp):
     assert finite.dtype == torch.bool and bool(finite) and float(norm) > 0
     assert not bool(nan_finite) and nan_loss.isnan() and not nan_norm.isfinite()
     assert optimizer.state[next(model.parameters())]["step"] == 1  # the NaN step was skipped
+    if amp == "fp16":
+        assert scaler.get_scale() == 2.0 ** 16 / 2  # ... and the GradScaler backed off once
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -465,7 +468,8 @@ def test_nonfinite_steps_are_tallied_on_the_device_and_read_at_log_steps(city, t
                             "3", "--max_nonfinite_steps", "3"))
     train, _ = records(run_dir)
     assert [(r["step"], r["nonfinite_steps"]) for r in train] == [(3, 2), (6, 2)]
-    assert "step 3: 2 step(s) since the last log had a non-finite loss or gradients" in capsys.readouterr().out
+    assert "step 3: 2 step(s) since the last log had non-finite gradients" in capsys.readouterr().out
+    assert math.isfinite(train[0]["train_loss"]) and train[0]["train_loss"] > 0  # step 1's loss alone
     assert load(run_dir / "checkpoint.pt")["optimizer"]["state"][0]["step"] == 4
 
     monkeypatch.setattr(NaNLoss, "calls", 0)
@@ -474,12 +478,6 @@ def test_nonfinite_steps_are_tallied_on_the_device_and_read_at_log_steps(city, t
         training.main(tiny_args(city, tmp_path / "stop", "--training_iterations", "20", "--log_interval", "4",
                                 "--max_nonfinite_steps", "3"))
     assert "4 consecutive non-finite steps (at step 4)" in str(exit_info.value.code)
-
-    broken = UNet(base_channels=4, depth=2)
-    with torch.no_grad():
-        broken.head.bias[0] = float("inf")
-    with pytest.raises(FloatingPointError, match="head.bias"):
-        training.inference_checkpoint(broken, {"image_size": "32x16"}, ["road"])
 
 
 def start_training(args, log_path):
@@ -565,3 +563,25 @@ def test_ddp_two_processes_train_like_one_with_the_same_global_batch(city, tmp_p
 def test_channels_last_auto_follows_the_measured_layouts(monkeypatch, choice, device, capability, expected):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert training.resolve_channels_last(choice, torch.device(device)) is expected
+
+
+def test_nonfinite_weights_are_never_saved():
+    broken = UNet(base_channels=4, depth=2)
+    with torch.no_grad():
+        broken.head.bias[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="head.bias"):
+        training.inference_checkpoint(broken, {"image_size": "32x16"}, ["road"])
+
+
+def test_resumes_a_checkpoint_of_the_unfused_optimizer(city, tmp_path):
+    """CPU checkpoints of versions before the sync-free step hold AdamW groups with fused=None; the
+    skip-on-device step needs the fused kernel, so a resume switches them back to it."""
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "2"))
+    checkpoint = load(run_dir / "checkpoint.pt")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=None)
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
+    resumed = load(run_dir / "checkpoint.pt")
+    assert resumed["step"] == 3 and all(group["fused"] for group in resumed["optimizer"]["param_groups"])
