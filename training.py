@@ -153,7 +153,8 @@ def build_parser():
     flag(system, "--channels_last", "NHWC memory format; auto = on for CUDA and AVX-512 CPUs, off on other CPUs "
          "(slower there)",
          choices=["auto", "on", "off"])
-    flag(system, "--compile", "torch.compile the model and the loss (the first steps then take minutes)", **switch)
+    flag(system, "--compile", "torch.compile model and loss for the training step (the first steps then take "
+         "minutes); evaluation runs them eagerly", **switch)
     flag(system, "--cudnn_benchmark", "CUDA: let cuDNN pick the fastest conv algorithms", **switch)
     flag(system, "--tf32", "CUDA: TF32 tensor cores for float32 matmuls and convs", **switch)
     flag(system, "--deterministic", "deterministic algorithms only (slower on GPU)", **switch)
@@ -462,12 +463,13 @@ def build_model(config, num_classes, device, memory_format, amp_dtype, world_siz
     return model, optimizer, scheduler, scaler
 
 
-def build_loss(num_classes, config, device):
-    """CE + Dice; with --compile it is compiled too: its float32 softmax, one-hot and sums over every pixel
-    and class are memory-bound element-wise passes that the compiler fuses (on a 2-core CPU its forward
-    and backward at 2 x 512x256 ran 2-3x faster compiled)."""
-    loss_fn = CEDiceLoss(num_classes, IGNORE_INDEX, config["ce_weight"], config["dice_weight"]).to(device)
-    return torch.compile(loss_fn) if config["compile"] else loss_fn
+def for_training_step(module, config):
+    """The module as the training step calls it: torch.compile'd under --compile. Model and loss are both
+    compiled: the loss's float32 softmax, one-hot and sums over every pixel and class are memory-bound
+    passes that the compiler fuses (on a 2-core CPU its forward and backward at 2 x 512x256 ran 2-3x
+    faster). Evaluation calls the eager modules: its other grad mode and batch sizes would make
+    torch.compile compile everything again, minutes on a GPU, for a small share of the work."""
+    return torch.compile(module) if config["compile"] else module
 
 
 def step_unless_nonfinite(optimizer, finite):
@@ -700,22 +702,23 @@ def train(config, checkpoint, rank, world_size, local_rank):
     torch.manual_seed(config["seed"] + rank)
     if checkpoint:
         load_checkpoint(checkpoint, raw_model, optimizer, scheduler, scaler, rank, world_size)
-    model = torch.compile(raw_model) if config["compile"] else raw_model
-    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-    loss_fn = build_loss(class_table.num_classes, config, device)
+    train_model = for_training_step(raw_model, config)
+    if world_size > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = CEDiceLoss(class_table.num_classes, IGNORE_INDEX, config["ce_weight"], config["dice_weight"]).to(device)
+    train_loss_fn = for_training_step(loss_fn, config)
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def run_eval(step, max_batches, final=False):
         """Evaluate, log, snapshot and keep the best weights; returns (results, confusion matrix)."""
-        val_loss, results, confusion = evaluate(model, val_loader, loss_fn, class_table.num_classes, device,
+        val_loss, results, confusion = evaluate(raw_model, val_loader, loss_fn, class_table.num_classes, device,
                                                 autocast, memory_format, max_batches)
         if rank == 0:
             record = eval_record(step, val_loss, results, class_table.names, int(confusion.sum()), final)
             log_record(run_dir, record)
-            save_snapshot(model, snapshot, class_table, run_dir / "snapshots" / f"step_{step:06d}.png", device,
+            save_snapshot(raw_model, snapshot, class_table, run_dir / "snapshots" / f"step_{step:06d}.png", device,
                           autocast, memory_format)
             # the first evaluation always saves (its mIoU is NaN when no val pixel is labelled); any later one
             # replaces an undefined best
@@ -755,7 +758,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
     try:
         while step < total_steps:
             lr = optimizer.param_groups[0]["lr"]
-            loss, grad_norm, finite = train_step(train_model, batches, config["accum_steps"], loss_fn, optimizer,
+            loss, grad_norm, finite = train_step(train_model, batches, config["accum_steps"], train_loss_fn, optimizer,
                                                  scaler, autocast, config["grad_clip"], device, memory_format)
             scheduler.step()
             step += 1

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
 import training  # noqa: E402
 from dataset import IGNORE_INDEX  # noqa: E402
+from losses import CEDiceLoss  # noqa: E402
 from lr_schedule import WarmupInverseSqrtLR  # noqa: E402
 from unet import UNet  # noqa: E402
 
@@ -98,8 +99,8 @@ def build_step(name, options):
         scheduler = WarmupInverseSqrtLR(optimizer, config["warmup_steps"], config["decay_factor"], config["min_lr"])
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
-    loss_fn = training.build_loss(NUM_CLASSES, config, device)
-    step_model = torch.compile(model) if options["compile"] else model
+    loss_fn = training.for_training_step(CEDiceLoss(NUM_CLASSES, IGNORE_INDEX).to(device), config)
+    step_model = training.for_training_step(model, config)
     batches = itertools.repeat((images, masks))
 
     def autocast():

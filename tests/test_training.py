@@ -274,8 +274,13 @@ def test_resuming_a_finished_run_changes_nothing_unless_given_more_steps(city, t
     assert load(run_dir / "checkpoint.pt")["step"] == 3
 
 
-def test_compile_trains_like_eager(city, tmp_path):
-    """--compile (model and loss) gives the eager run's losses and metrics up to float rounding."""
+def test_compile_trains_like_eager(city, tmp_path, monkeypatch):
+    """--compile (model and loss) gives the eager run's losses and metrics up to float rounding, and
+    evaluation runs the eager modules (compiled, eval mode and new batch sizes would recompile)."""
+    evaluated = []
+    evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda model, loader, loss_fn, *args: (
+        evaluated.append((type(model), type(loss_fn))), evaluate(model, loader, loss_fn, *args))[1])
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         training.main(tiny_args(city, tmp_path / name, "--training_iterations", "3", "--dropout", "0", *extra))
@@ -284,6 +289,7 @@ def test_compile_trains_like_eager(city, tmp_path):
     assert [r["train_loss"] for r in compiled_train] == pytest.approx([r["train_loss"] for r in eager_train],
                                                                       rel=1e-4)
     assert compiled_evals[-1]["val_loss"] == pytest.approx(eager_evals[-1]["val_loss"], rel=1e-4)
+    assert set(evaluated) == {(UNet, CEDiceLoss)}
     assert load(tmp_path / "compiled" / "best_model.pth")["model"].keys() == \
         load(tmp_path / "eager" / "best_model.pth")["model"].keys()  # no "_orig_mod." prefixes
 
