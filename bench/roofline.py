@@ -1,5 +1,5 @@
 """A roofline model of our training step on a GPU, computed without one: where the time must go, and the
-MFU that eager mode and a perfect fusion could reach at best. A model, not a measurement.
+MFU that eager mode and torch.compile's fusion could reach at best. A model, not a measurement.
 
     python bench/roofline.py                                  # classic U-Net, 32 x 512x256, H100 SXM figures
     python bench/roofline.py --batch_size 8 --record
@@ -10,14 +10,20 @@ formulas) and the bytes of its tensor inputs and outputs (views move nothing and
 is a kernel whose time is at least max(FLOPs / peak, bytes / memory bandwidth): tensor-core peak for
 bf16/fp16 ops, the float32 (CUDA-core) peak for float32 ones. The fused AdamW adds 28 bytes per parameter
 (read weight, grad and both moments, write weight and moments, all float32). Summed, that is a lower
-bound on the eager step time, so eager MFU can be no higher than the printed ceiling; with every
-non-conv op fused away (what torch.compile aims at) the convs alone bound it. Real kernels reach
-perhaps 60-80% of either peak, and launch overheads add to it: compare with bench/fast_paths.py on a GPU.
+bound on the eager step time, so eager MFU can be no higher than the printed ceiling (BatchNorm is
+counted at one pass over its input and one over its output each way; cuDNN's make about 3 forward and
+5 backward, so eager is a little worse still). The fused estimate is what torch.compile could reach at
+best: convolutions stay cuDNN's, training-mode BatchNorm keeps a statistics pass and a normalising pass
+each way (ReLU folded in: 3 passes forward, 5 backward), pooling, concatenation, the loss's softmax in
+each direction and AdamW stay, every other element-wise op is fused into them. The convs alone bound any
+schedule. Real kernels reach perhaps 60-80% of either peak, and launch overheads add to it: compare with
+bench/fast_paths.py on a GPU.
 """
 import argparse
 import os
 import sys
 from collections import defaultdict
+from datetime import datetime
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -33,6 +39,12 @@ from unet import UNet  # noqa: E402
 NUM_CLASSES = 19
 H100_SXM = dict(tensor_tflops=989.0, fp32_tflops=67.0, bandwidth_tbps=3.35)  # dense bf16, FP32 non-tensor, HBM3
 ADAMW_BYTES_PER_PARAMETER = 28
+# Traffic of each op, relative to eager, when torch.compile fuses the step as well as it could (see above);
+# ops not listed are element-wise work fused into these.
+FUSED_TRAFFIC = {"convolution": 1, "convolution_backward": 1,
+                 "native_batch_norm": 3 / 2, "native_batch_norm_backward": 5 / 3,
+                 "max_pool2d_with_indices": 1, "max_pool2d_with_indices_backward": 1, "cat": 1,
+                 "_log_softmax": 1, "_log_softmax_backward_data": 1}
 CONV_OPS = {"convolution", "convolution_backward"}
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
@@ -85,7 +97,7 @@ def seconds(flops, nbytes, dtype, machine):
 
 
 def run(args):
-    machine = dict(H100_SXM, **{key: getattr(args, key) for key in H100_SXM if getattr(args, key)})
+    machine = dict(H100_SXM, **{key: getattr(args, key) for key in H100_SXM if getattr(args, key) is not None})
     width, height = args.image_size
     ops, num_parameters = step_costs(args.batch_size, width, height, args.base_channels, args.depth)
     groups = defaultdict(lambda: [0, 0, 0, 0.0])  # kernels, FLOPs, bytes, seconds
@@ -95,13 +107,16 @@ def run(args):
         group[1] += flops
         group[2] += nbytes
         group[3] += seconds(flops, nbytes, dtype, machine)
-    adamw_bytes = ADAMW_BYTES_PER_PARAMETER * num_parameters
-    groups["fused AdamW (analytic)"] = [1, 0, adamw_bytes, adamw_bytes / (machine["bandwidth_tbps"] * 1e12)]
+    adamw_seconds = ADAMW_BYTES_PER_PARAMETER * num_parameters / (machine["bandwidth_tbps"] * 1e12)
+    groups["fused AdamW (analytic)"] = [1, 0, ADAMW_BYTES_PER_PARAMETER * num_parameters, adamw_seconds]
     total_flops = sum(group[1] for group in groups.values())
     eager = sum(group[3] for group in groups.values())
+    fused = adamw_seconds + sum(seconds(flops, nbytes * FUSED_TRAFFIC[name], dtype, machine)
+                                for name, flops, nbytes, dtype in ops if name in FUSED_TRAFFIC)
     convs_only = sum(groups[name][3] for name in CONV_OPS)
     peak_time = total_flops / (machine["tensor_tflops"] * 1e12)
-    rows = [[name, kernels, f"{flops / 1e9:.0f}", f"{nbytes / 1e9:.2f}", f"{time * 1e3:.2f}", f"{100 * time / eager:.1f}%"]
+    rows = [[name, kernels, f"{flops / 1e9:.0f}", f"{nbytes / 1e9:.2f}", f"{time * 1e3:.2f}",
+             f"{100 * time / eager:.1f}%"]
             for name, (kernels, flops, nbytes, time) in sorted(groups.items(), key=lambda item: -item[1][3])]
     shown, rest = rows[:args.top], rows[args.top:]
     if rest:
@@ -112,10 +127,13 @@ def run(args):
             f"{machine['fp32_tflops']:.0f} TFLOP/s float32, {machine['bandwidth_tbps']:.2f} TB/s "
             f"(H100 SXM unless overridden); {len(ops)} kernels, {total_flops / 1e12:.2f} TFLOP per step\n\n")
     body += harness.format_table(["op", "kernels", "GFLOP", "GB moved", "lower bound ms", "share"], shown)
-    for label, time in (("every op its own kernel (eager)", eager), ("convs only (all else fused away)", convs_only)):
+    for label, time in (("every op its own kernel (eager)", eager), ("fused as well as torch.compile could", fused),
+                        ("convs alone (no schedule can beat this)", convs_only)):
         body += (f"\n\n{label}: >= {time * 1e3:.1f} ms per step, <= {args.batch_size / time:.0f} img/s, "
                  f"MFU <= {100 * peak_time / time:.0f}%")
-    harness.report("roofline", "computed on fake tensors (a model, no measurement)", body, args.record)
+    header = (f"{datetime.now():%Y-%m-%d %H:%M}, torch {torch.__version__}, computed on fake tensors "
+              "(a model, no measurement)")
+    harness.report("roofline", header, body, args.record)
 
 
 def parse_args(argv=None):
@@ -132,6 +150,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if min(args.batch_size, args.base_channels, args.depth, args.top) < 1:
         parser.error("--batch_size, --base_channels, --depth and --top must be >= 1")
+    overrides = (args.tensor_tflops, args.fp32_tflops, args.bandwidth_tbps)
+    if any(value is not None and value <= 0 for value in overrides):
+        parser.error("--tensor_tflops, --fp32_tflops and --bandwidth_tbps must be > 0")
     return args
 
 

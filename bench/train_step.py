@@ -99,7 +99,8 @@ def build_step(name, options):
         scheduler = WarmupInverseSqrtLR(optimizer, config["warmup_steps"], config["decay_factor"], config["min_lr"])
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
-    loss_fn = training.for_training_step(CEDiceLoss(NUM_CLASSES, IGNORE_INDEX).to(device), config)
+    loss_fn = CEDiceLoss(NUM_CLASSES, IGNORE_INDEX, config["ce_weight"], config["dice_weight"]).to(device)
+    loss_fn = training.for_training_step(loss_fn, config)
     step_model = training.for_training_step(model, config)
     batches = itertools.repeat((images, masks))
 
