@@ -48,6 +48,7 @@ CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "best_model.pth"
 SNAPSHOT_IMAGES = 4
 INTERRUPTED_EXIT_CODE = 130
+DATA_WAIT_HINT = 0.25  # share of the time spent waiting for batches above which training says so, once
 
 # Real Cityscapes: the seed's run, the classic U-Net at 512x256 for ~10 epochs of the 2975 train images.
 DEFAULTS = dict(
@@ -329,6 +330,23 @@ class CachedBatches:
         while True:
             indices, seeds = zip(*itertools.islice(keys, self.batch_size))
             yield self.dataset.batch(indices, seeds)
+
+
+class TimedBatches:
+    """The training batches, adding up how long the loop waits for them (`waited`, seconds): as a share of
+    the wall time (data_wait in metrics.jsonl) it says whether the input pipeline, not the model, sets the pace."""
+
+    def __init__(self, batches):
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        batch = next(self.batches)
+        self.waited += time.perf_counter() - start
+        return batch
 
 
 def ignore_sigint(worker_id):
@@ -748,13 +766,14 @@ def train(config, checkpoint, rank, world_size, local_rank):
 
     total_steps, step = config["training_iterations"], progress["step"]
     images_per_step = config["batch_size"] * config["accum_steps"] * world_size
-    batches = iter(train_loader)
+    batches = TimedBatches(iter(train_loader))
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
     # per-step tallies stay on the device, read back once per log interval: the loop never waits for the GPU
     log_loss, log_steps, nonfinite_run, longest_nonfinite_run = (torch.zeros((), device=device) for _ in range(4))
     nonfinite_total = torch.tensor(float(progress["nonfinite_steps"]), device=device)
     logged_nonfinite, interval_steps, log_start = progress["nonfinite_steps"], 0, time.perf_counter()
+    intervals_logged, data_wait_hinted = 0, False
     try:
         while step < total_steps:
             lr = optimizer.param_groups[0]["lr"]
@@ -777,7 +796,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
                 loss_sum, finite_steps, nonfinite_steps, longest_run, norm = torch.stack(
                     [log_loss, log_steps, nonfinite_total, longest_nonfinite_run, grad_norm]).tolist()
                 progress["nonfinite_steps"] = int(nonfinite_steps)
-                if nonfinite_steps > logged_nonfinite:
+                if nonfinite_steps > logged_nonfinite and rank == 0:
                     tqdm.write(f"step {step}: {int(nonfinite_steps - logged_nonfinite)} step(s) since the last log "
                                "had non-finite gradients and were skipped")
                     logged_nonfinite = int(nonfinite_steps)
@@ -788,14 +807,21 @@ def train(config, checkpoint, rank, world_size, local_rank):
                 record = {"step": step, "epoch": step * images_per_step // len(train_loader.dataset),
                           "train_loss": train_loss, "lr": lr, "grad_norm": norm,
                           "img_per_s": interval_steps * images_per_step / elapsed,
-                          "nonfinite_steps": progress["nonfinite_steps"]}
+                          "nonfinite_steps": progress["nonfinite_steps"], "data_wait": batches.waited / elapsed}
+                intervals_logged += 1
+                # the first interval also holds the loader workers' start-up
+                if record["data_wait"] > DATA_WAIT_HINT and intervals_logged > 1 and not data_wait_hinted and rank == 0:
+                    data_wait_hinted = True
+                    tqdm.write(f"step {step}: {record['data_wait']:.0%} of the time went to waiting for batches: the "
+                               "input pipeline sets the pace; more --num_workers, data prepared at the training size "
+                               "(python dataset.py prepare) or --data_cache device would speed training up")
                 if rank == 0:
                     log_record(run_dir, record)
                     bar.set_postfix(loss=f"{train_loss or math.nan:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{record['img_per_s']:.1f}")
                 for tally in (log_loss, log_steps, longest_nonfinite_run):
                     tally.zero_()
-                interval_steps, log_start = 0, time.perf_counter()
+                interval_steps, log_start, batches.waited = 0, time.perf_counter(), 0.0
             if step % config["eval_interval"] == 0 and step < total_steps:
                 run_eval(step, config["eval_iterations"])
             if step % config["save_model_interval"] == 0 and step < total_steps:

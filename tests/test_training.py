@@ -591,3 +591,21 @@ def test_resumes_a_checkpoint_of_the_unfused_optimizer(city, tmp_path):
     training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
     resumed = load(run_dir / "checkpoint.pt")
     assert resumed["step"] == 3 and all(group["fused"] for group in resumed["optimizer"]["param_groups"])
+
+
+def test_a_slow_input_pipeline_shows_in_data_wait_and_is_named_once(city, tmp_path, monkeypatch, capsys):
+    training.main(tiny_args(city, tmp_path / "fast", "--training_iterations", "3"))
+    assert all(0 <= r["data_wait"] < 1 for r in records(tmp_path / "fast")[0])
+    capsys.readouterr()
+
+    read = training.SeededSamples.__getitem__
+
+    def slow_read(self, key):
+        time.sleep(0.05)
+        return read(self, key)
+
+    monkeypatch.setattr(training.SeededSamples, "__getitem__", slow_read)
+    training.main(tiny_args(city, tmp_path / "slow", "--training_iterations", "4"))
+    assert all(r["data_wait"] > 0.5 for r in records(tmp_path / "slow")[0])
+    hints = [line for line in capsys.readouterr().out.splitlines() if "waiting for batches" in line]
+    assert len(hints) == 1 and hints[0].startswith("step 2: ") and "--num_workers" in hints[0]
