@@ -362,7 +362,7 @@ def test_train_step_on_cuda_does_not_sync():
     device, amp_dtype, memory_format = training.setup_device(config, 0, 1)
     model, optimizer, _, scaler = training.build_model(config, 5, device, memory_format, amp_dtype, 1)
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
-    batches = iter([(images.pin_memory(), masks.pin_memory()) for images in (images, images, images * float("nan"))])
+    batches = iter([(batch.pin_memory(), masks.pin_memory()) for batch in (images, images, images * float("nan"))])
     loss_fn = CEDiceLoss(5).to(device)
 
     def step():
