@@ -795,11 +795,10 @@ def train(config, checkpoint, rank, world_size, local_rank):
                 elapsed = time.perf_counter() - log_start
                 loss_sum, finite_steps, nonfinite_steps, longest_run, norm = torch.stack(
                     [log_loss, log_steps, nonfinite_total, longest_nonfinite_run, grad_norm]).tolist()
-                progress["nonfinite_steps"] = int(nonfinite_steps)
-                if nonfinite_steps > logged_nonfinite and rank == 0:
-                    tqdm.write(f"step {step}: {int(nonfinite_steps - logged_nonfinite)} step(s) since the last log "
-                               "had non-finite gradients and were skipped")
-                    logged_nonfinite = int(nonfinite_steps)
+                skipped, logged_nonfinite = int(nonfinite_steps) - logged_nonfinite, int(nonfinite_steps)
+                if skipped and rank == 0:
+                    tqdm.write(f"step {step}: {skipped} step(s) since the last log had non-finite gradients and "
+                               "were skipped")
                 if longest_run >= config["max_nonfinite_steps"]:
                     sys.exit(f"error: {int(longest_run)} consecutive non-finite steps (at step {step}); "
                              f"lower --base_lr or --grad_clip, or try --amp off")
@@ -807,7 +806,7 @@ def train(config, checkpoint, rank, world_size, local_rank):
                 record = {"step": step, "epoch": step * images_per_step // len(train_loader.dataset),
                           "train_loss": train_loss, "lr": lr, "grad_norm": norm,
                           "img_per_s": interval_steps * images_per_step / elapsed,
-                          "nonfinite_steps": progress["nonfinite_steps"], "data_wait": batches.waited / elapsed}
+                          "nonfinite_steps": logged_nonfinite, "data_wait": batches.waited / elapsed}
                 intervals_logged += 1
                 # the first interval also holds the loader workers' start-up
                 if record["data_wait"] > DATA_WAIT_HINT and intervals_logged > 1 and not data_wait_hinted and rank == 0:

@@ -42,10 +42,10 @@ def cpu_ghz():
     return 2.0
 
 
-def add_step_arguments(parser, batch_size_help="images per step (default: 1)"):
+def add_step_arguments(parser):
     """The flags of the benches that time one training step: device, batch, size, model, timing, peak."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    parser.add_argument("--batch_size", type=int, default=1, help=batch_size_help)
+    parser.add_argument("--batch_size", type=int, default=1, help="images per step (default: 1)")
     parser.add_argument("--image_size", type=size_arg, default=(512, 256), help="WxH (default: 512x256)")
     parser.add_argument("--base_channels", type=int, default=64, help="UNet width (default: 64, the classic)")
     parser.add_argument("--depth", type=int, default=4, help="UNet depth (default: 4)")
