@@ -17,6 +17,8 @@ import sys
 import torch
 from matplotlib.figure import Figure
 
+from runtime import run_cli
+
 
 def check_schedule_args(base_lr, warmup_steps, decay_factor, min_lr):
     """Raise ValueError on a config that would give a negative, NaN or non-decaying curve."""
@@ -81,7 +83,7 @@ def plot_schedule(path, base_lr, min_lr, warmup_steps, decay_factor, total_steps
     fig.savefig(path, dpi=100)
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Plot the learning-rate schedule used by training.py (the "
                                      "defaults are training.py's for Cityscapes).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,15 +94,20 @@ def main(argv=None):
                         help="per-step decay speed: lr halves 3/decay_factor steps after the peak")
     parser.add_argument("--training_iterations", type=int, default=1860, help="optimizer steps to plot")
     parser.add_argument("--out", default="lr_schedule.png", help="output PNG path")
-    args = parser.parse_args(argv)
-    try:
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+
+    def run(_):
         plot_schedule(args.out, args.base_lr, args.min_lr, args.warmup_steps, args.decay_factor,
                       args.training_iterations)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {args.out}")
+        print(f"wrote {args.out}")
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

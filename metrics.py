@@ -1,17 +1,17 @@
-"""Segmentation metrics following the official Cityscapes pixel-level protocol.
+"""Segmentation metrics on the official Cityscapes pixel-level protocol, and the run's metrics log.
 
-One confusion matrix is accumulated over the whole evaluation set and every score is
-computed from it once at the end. Averaging per-batch scores instead inflates them: a
-batch that lacks a class drops that class from its mean, so rare-class failures get
-diluted by the many batches where the class is absent, and small batches weigh as much
-as large ones.
+One confusion matrix is accumulated over the whole evaluation set and every score is computed from it
+once at the end. Averaging per-batch scores instead inflates them: a batch that lacks a class drops it
+from its mean, so rare-class failures are diluted by the many batches where the class is absent.
 """
+import json
 import math
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
+
+from runtime import atomic_write
 
 
 class ConfusionMatrix:
@@ -117,27 +117,33 @@ def format_table(results, class_names):
     return "\n".join(lines)
 
 
-def row_normalized(matrix):
-    """Each ground-truth row divided by its pixel count (per-class recall view); rows with
-    no pixels stay zero instead of becoming NaN."""
-    matrix = torch.as_tensor(matrix).cpu().double().numpy()
-    row_sums = matrix.sum(axis=1, keepdims=True)
-    return np.divide(matrix, row_sums, out=np.zeros_like(matrix), where=row_sums > 0)
+def scores(results, class_names):
+    """The summary scores and per-class IoU of ConfusionMatrix.compute() as JSON-ready values."""
+    summary = {key: finite_or_none(results[key]) for key in ("miou", "fwiou", "pixel_acc", "mean_acc")}
+    return {**summary, "per_class_iou": {name: finite_or_none(iou)
+                                         for name, iou in zip(class_names, results["iou"].tolist())}}
 
 
-def plot_confusion_matrix(matrix, class_names, path):
-    """Save the row-normalised confusion matrix as a PNG (Figure directly: no pyplot state,
-    works headless)."""
-    if len(class_names) != len(matrix):
-        raise ValueError(f"got {len(class_names)} class names for a {len(matrix)}-class matrix")
-    size = 2 + 0.4 * len(class_names)
-    fig = Figure(figsize=(size + 1, size), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(row_normalized(matrix), cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, label="fraction of ground-truth pixels")
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=90)
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
-    fig.savefig(path, dpi=100)
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, a training log record or an evaluation; this class is its
+    one writer and reader."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def read(self) -> list:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, record):
+        try:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise OSError(error.errno, f"could not write it ({error.strerror or error})", str(self.path)) from None
+
+    def keep_until(self, step):
+        """Drop the records after `step` (what a killed run logged after its last checkpoint), atomically."""
+        text = "".join(json.dumps(record) + "\n" for record in self.read() if record["step"] <= step)
+        atomic_write(self.path, lambda file: file.write(text.encode()))

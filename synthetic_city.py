@@ -1,24 +1,20 @@
-"""Synthetic city: procedurally drawn street scenes written in the Cityscapes format.
+"""Synthetic city: procedurally drawn street scenes written in the Cityscapes format, the built-in data.
 
-Why: the project must train, evaluate and show pictures on a fresh machine with no download
-(Cityscapes needs a registration and must not be shown). The scenes are laid out exactly like
-`leftImg8bit_trainvaltest.zip` + `gtFine_trainvaltest.zip` unzipped, with the official label ids,
-so every other module treats them as the real thing.
+The project must train, evaluate and show pictures on a fresh machine with no download (Cityscapes needs a
+registration and must not be shown). The scenes are laid out exactly like the official zips unzipped, with
+the official label ids, so every other module treats them as the real thing.
 
-Each scene is a street seen by a pinhole camera: road with lane marks, sidewalks, grass verges,
-building facades with windows in perspective, far buildings, trees, hedges, cars, persons, poles
-carrying traffic signs and lights, sky, and the ego vehicle's bonnet at the bottom (void).
-Colour alone does not tell the class, on purpose: facades, asphalt, paving, poles and overcast
-skies share greys; trees and grass share greens; cars and clothes take any colour; and every image
-gets its own exposure, white balance, gamma, sun shadows and sensor noise. Shape, position and
-texture do tell it (a nearest-class-mean colour classifier stays <= 0.45 mIoU, see
-bench/colour_baseline.py, while the U-Net learns it).
+Each scene is a street seen by a pinhole camera: road, sidewalks, verges, facades with windows, far
+buildings, trees, hedges, cars, persons, poles with signs and lights, sky, and the ego vehicle's bonnet
+(void). Colour alone does not tell the class, on purpose (shared greys and greens, any colour for cars
+and clothes, per-image exposure, white balance, shadows and noise); shape, position and texture do.
 
-Drawing is vectorised numpy over pixel grids (each object only touches its bounding box), so a
-512x256 scene takes a few tens of milliseconds. The CLI is `python dataset.py synth`.
+    python synthetic_city.py --out Dataset/synthetic --train 300 --val 60 --size 128x64
 """
+import argparse
 import json
 import os
+import sys
 from multiprocessing import Pool
 
 import numpy as np
@@ -26,7 +22,7 @@ from PIL import Image
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
-from dataset import write_image_atomically
+from runtime import atomic_write, run_cli, size_arg
 
 LABEL_ID = {c.name: c.id for c in Cityscapes.classes if c.id >= 0}
 ID_COLORS = np.zeros((256, 3), np.uint8)
@@ -455,6 +451,10 @@ def sample_paths(root, split, index):
     return image, labels, color
 
 
+def write_png(path, pixels):
+    atomic_write(path, lambda file: Image.fromarray(pixels).save(file, format="PNG"))
+
+
 def _write_sample(task):
     """Render and write one sample unless all its files exist; True when something was written."""
     root, split, index, width, height, seed = task
@@ -465,9 +465,9 @@ def _write_sample(task):
     image, labels = render_scene(rng, width, height)
     if split == "test":  # test labels are withheld, as in the official release: placeholders of 0 (unlabeled)
         labels = np.zeros_like(labels)
-    write_image_atomically(paths[1], labels)
-    write_image_atomically(paths[2], np.dstack([ID_COLORS[labels], np.full_like(labels, 255)]))  # RGBA, as released
-    write_image_atomically(paths[0], image)  # last: an image on disk always has its labels
+    write_png(paths[1], labels)
+    write_png(paths[2], np.dstack([ID_COLORS[labels], np.full_like(labels, 255)]))  # RGBA, as released
+    write_png(paths[0], image)  # last: an image on disk always has its labels
     return True
 
 
@@ -501,10 +501,7 @@ def _claim_folder(out_root, settings):
     if any(os.path.exists(os.path.join(out_root, name)) for name in ("leftImg8bit", "gtFine")):
         raise ValueError(f"{out_root}: already holds a dataset not made by synthetic_city.py; "
                          "refusing to write into it")
-    os.makedirs(out_root, exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    atomic_write(path, lambda file: file.write(json.dumps(settings, indent=2).encode()))
 
 
 def generate(out_root, num_train, num_val, size=(512, 256), seed=0, workers=None, num_test=0):
@@ -531,3 +528,29 @@ def generate(out_root, num_train, num_val, size=(512, 256), seed=0, workers=None
         return sum(tqdm(map(_write_sample, tasks), **progress))
     with Pool(workers) as pool:
         return sum(tqdm(pool.imap_unordered(_write_sample, tasks, chunksize=4), **progress))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write the synthetic city in the Cityscapes layout.")
+    parser.add_argument("--out", default="Dataset/synthetic", help="output root (default: %(default)s)")
+    parser.add_argument("--train", type=int, required=True, help="number of train images (the demo: 300)")
+    parser.add_argument("--val", type=int, required=True, help="number of val images (the demo: 60)")
+    parser.add_argument("--test", type=int, default=0, help="number of (unlabelled) test images (default: 0)")
+    parser.add_argument("--size", type=size_arg, default=(128, 64), help="WIDTHxHEIGHT (default: 128x64, the demo's size)")
+    parser.add_argument("--seed", type=int, default=0, help="scenes are a pure function of it (default: 0)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+
+    def run(_):
+        generate(args.out, args.train, args.val, size=args.size, seed=args.seed, workers=args.workers,
+                 num_test=args.test)
+        width, height = args.size
+        print(f"{args.out}: synthetic city of {args.train} train, {args.val} val, {args.test} test images at "
+              f"{width}x{height}")
+        return 0
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

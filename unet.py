@@ -1,13 +1,24 @@
-"""U-Net for semantic segmentation (Ronneberger et al., 2015), as in the seed project.
+"""The U-Net (Ronneberger et al., 2015) and its weights file: the model and everything needed to use it.
 
-Each stage is a DoubleConv = (3x3 conv, BatchNorm, ReLU) x 2; the encoder halves the resolution
-with 2x2 max-pooling, the decoder doubles it with a 2x2 transposed conv (or bilinear upsampling),
-concatenates the encoder's skip and a 1x1 conv gives per-pixel class logits. The classic config
-(base_channels=64, depth=4, transposed convs, 19 classes) has 31,038,803 parameters.
+Each stage is (3x3 conv, BatchNorm, ReLU) x 2; the encoder halves the resolution with 2x2 max-pooling, the
+decoder doubles it with a 2x2 transposed conv (or bilinear upsampling), concatenates the encoder's skip,
+and a 1x1 conv gives per-pixel class logits. The classic config (base 64, depth 4, 19 classes) has
+31,038,803 parameters.
+
+The weights file (`save_weights` writes it, `load_weights` reads it, as nanoGPT's model.py owns its
+checkpoints) holds the state_dict, the constructor arguments, the class names and colours, the training
+size and the normalisation, so inference needs nothing but the file.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from runtime import UserError, load_torch_file, save_torch_file
+
+WEIGHTS_FILE = "unet_model.pth"  # training's --model_path and inference's --checkpoint by default
+UPSAMPLE_BYTES = 256 * 2**20  # upper bound on the float32 logits upsample_argmax holds at once
 
 
 class DoubleConv(nn.Sequential):
@@ -46,32 +57,14 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net taking (N, in_channels, H, W) float images to (N, num_classes, H, W) logits, any H, W >= 1.
+    """(N, in_channels, H, W) float images -> (N, num_classes, H, W) logits, for any H, W >= 1.
 
-    Stage widths are base_channels * 2**i for i = 0..depth. With bilinear=True the bottleneck and
-    every decoder stage but the last have half the channels (milesial layout, ~17 M parameters
-    instead of ~31 M for the classic config).
-
-    Dropout: the seed adds dropout for regularisation; here it is one Dropout2d on the bottleneck.
-    The bottleneck holds most of the parameters and the most abstract features, where co-adaptation
-    (overfitting) happens; the full-resolution skips are left intact because they carry the fine
-    detail that object boundaries need. Dropout2d drops whole channels, since neighbouring pixels
-    are so correlated that element-wise dropout barely regularises a conv feature map.
-
-    Padding: the seed required H and W divisible by 16 (2**depth). forward() instead zero-pads the
-    bottom and right edges up to the next multiple of 2**depth and crops the logits back. Zeros,
-    because inputs are mean/std-normalised so 0 is the average colour, and it is the same value every
-    3x3 conv already pads its borders with; reflect padding fails when the pad exceeds the image
-    (e.g. 1x1 inputs), replicate smears edge pixels into stripes that look like structure.
-
-    Initialisation: 3x3 convs (each followed by BatchNorm and ReLU) use Kaiming-normal in fan_out
-    mode as in torchvision's ResNets; BatchNorm starts at weight 1, bias 0; the up-convs and the
-    1x1 head keep PyTorch's defaults.
-
-    Works under torch.autocast (bf16 on CPU and CUDA, fp16 on CUDA; the logits come out in the
-    autocast dtype), with channels_last tensors, and under torch.compile (padding and cropping are
-    plain F.pad and slicing). In train mode BatchNorm needs more than one value per channel at the
-    bottleneck: N * ceil(H / 2**depth) * ceil(W / 2**depth) > 1.
+    Stage widths are base_channels * 2**i for i = 0..depth; bilinear=True halves the bottleneck and the
+    decoder (milesial's layout, ~17 M instead of ~31 M parameters for the classic config). One Dropout2d sits
+    on the bottleneck, where most parameters are; the skips keep the fine detail that boundaries need.
+    forward() zero-pads the bottom and right edges to a multiple of 2**depth and crops the logits back
+    (the seed needed sizes divisible by 16): zero is the mean colour after normalisation, and what every
+    3x3 conv pads with. In train mode BatchNorm needs N * ceil(H / 2**depth) * ceil(W / 2**depth) > 1.
     """
 
     def __init__(self, in_channels=3, num_classes=19, base_channels=64, depth=4, dropout=0.1, bilinear=False):
@@ -90,6 +83,7 @@ class UNet(nn.Module):
             Up(widths[i], widths[i - 1] // (halve if i > 1 else 1), bilinear) for i in range(depth, 0, -1)
         )
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+        # Kaiming-normal (fan_out) for the 3x3 convs that feed BatchNorm + ReLU, as torchvision's ResNets
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -119,3 +113,132 @@ class UNet(nn.Module):
         for up in self.ups:
             x = up(x, skips.pop())
         return self.head(x)
+
+
+def upsample_argmax(logits, size):
+    """(C, h, w) logits -> (H, W) int64 class map at `size`: bilinear upsampling of the logits, then argmax.
+    Classes are upsampled in chunks of at most UPSAMPLE_BYTES with a running max, which gives exactly the
+    full argmax (ties keep the lowest class, like torch.argmax) without holding C full-size maps at once."""
+    height, width = size
+    logits = logits.float().contiguous()  # a channels_last input would make both steps several times slower
+    chunk = max(1, UPSAMPLE_BYTES // (4 * height * width))
+    best_score = best_class = None
+    for start in range(0, logits.shape[0], chunk):
+        scores = F.interpolate(logits[None, start:start + chunk], size=size, mode="bilinear", align_corners=False)[0]
+        score, label = scores.max(0)
+        label += start
+        if best_score is None:
+            best_score, best_class = score, label
+        else:
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_class = torch.where(better, label, best_class)
+    return best_class
+
+
+def fold_batchnorm(model):
+    """Fold every eval-mode BatchNorm into the conv before it, in place: the same function with one pass
+    over each feature map fewer. For inference only (the folded model cannot train)."""
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            for index in range(len(module) - 1):
+                conv, norm = module[index], module[index + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                    module[index] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+                    module[index + 1] = nn.Identity()
+    return model
+
+
+# ----------------------------------------------------------------------------- the weights file
+
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a weights file, with what its inputs and outputs mean. class_colors and dataset
+    are None for files that do not record them (bare state_dicts, files of earlier versions)."""
+
+    model: UNet
+    class_names: list
+    class_colors: list | None
+    image_size: tuple
+    mean: tuple
+    std: tuple
+    dataset: str | None
+
+
+def weights_dict(model, class_names, class_colors, image_size, mean, std, dataset):
+    """The weights file's contents (a training checkpoint holds them too); refuses non-finite weights."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:3])})")
+    return {"model": state, "model_config": model.config, "class_names": list(class_names),
+            "class_colors": [[int(c) for c in color] for color in class_colors], "image_size": list(image_size),
+            "mean": list(mean), "std": list(std), "dataset": dataset, "torch_version": str(torch.__version__)}
+
+
+def save_weights(path, model, **info):
+    """Write the weights file (atomically); `info` as weights_dict takes it."""
+    save_torch_file(weights_dict(model, **info), path)
+
+
+def load_weights(path, fixed=None, class_names=None, fallback_size=(512, 256), mean=None, std=None):
+    """Rebuild the model a weights file (or a training checkpoint) describes.
+
+    A bare state_dict (also one saved from a torch.compile'd or DDP model) knows no classes, size or
+    normalisation: `class_names`, `fallback_size`, `mean` and `std` supply them, and `fixed` pins any of
+    num_classes, base_channels, depth, bilinear that the parameter shapes cannot tell.
+    """
+    contents = load_torch_file(path)
+    if not isinstance(contents, dict) or not contents:
+        raise UserError(f"checkpoint {path} holds a {type(contents).__name__}, not a model")
+    if "model" in contents and "model_config" in contents:
+        state_dict, config = contents["model"], contents["model_config"]
+        class_names = contents.get("class_names", class_names)
+        info = dict(class_colors=contents.get("class_colors"), image_size=tuple(contents.get("image_size", fallback_size)),
+                    mean=tuple(contents.get("mean", mean)), std=tuple(contents.get("std", std)),
+                    dataset=contents.get("dataset"))
+    elif all(isinstance(value, torch.Tensor) for value in contents.values()):
+        state_dict = dict(contents)
+        for prefix in ("_orig_mod.", "module."):
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, prefix)
+        try:
+            config = config_from_state_dict(state_dict, fixed or {})
+        except ValueError as error:
+            raise UserError(f"bare state_dict {path}: {error}") from None
+        info = dict(class_colors=None, image_size=tuple(fallback_size), mean=tuple(mean), std=tuple(std), dataset=None)
+    else:
+        raise UserError(f"checkpoint {path} is neither a weights file of training.py nor a state_dict "
+                        f"(keys: {', '.join(map(str, list(contents)[:6]))})")
+    if class_names is None or len(class_names) != config["num_classes"]:
+        given = "no class names" if class_names is None else f"{len(class_names)} class names"
+        raise UserError(f"checkpoint {path}: {given} for a {config['num_classes']}-class model: pass --classes")
+    model = UNet(**config)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise UserError(f"checkpoint {path}: weights do not fit its model_config ({detail[:300]})") from None
+    return TrainedModel(model.eval(), list(class_names), **info)
+
+
+def config_from_state_dict(state_dict, fixed):
+    """The UNet constructor arguments whose parameter shapes equal the state_dict's.
+
+    in_channels and base_channels come from the first conv, num_classes from the head (the last conv);
+    depth and bilinear from building each candidate on the meta device (no memory) and comparing every key
+    and shape. `fixed` holds the sizes given on the command line (missing or None = infer).
+    """
+    conv_weights = [tensor for tensor in state_dict.values() if tensor.ndim == 4]
+    if not conv_weights:
+        raise ValueError("no conv weights in the state_dict: not a U-Net")
+    base_channels = fixed.get("base_channels") or conv_weights[0].shape[0]
+    num_classes = fixed.get("num_classes") or conv_weights[-1].shape[0]
+    in_channels = conv_weights[0].shape[1]
+    shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+    for depth in [fixed["depth"]] if fixed.get("depth") else range(1, 9):
+        for bilinear in [fixed["bilinear"]] if fixed.get("bilinear") is not None else [False, True]:
+            with torch.device("meta"):
+                candidate = UNet(in_channels, num_classes, base_channels, depth, bilinear=bilinear)
+            if {key: tuple(tensor.shape) for key, tensor in candidate.state_dict().items()} == shapes:
+                return candidate.config
+    raise ValueError("its shapes match no U-Net; pass --num_classes, --base_channels, --depth and --bilinear")

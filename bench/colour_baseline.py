@@ -4,20 +4,18 @@ Fits one mean RGB colour per class on the train split and labels every val pixel
 of the nearest mean. On the synthetic city this must stay <= 0.45 mIoU (issue 3): otherwise the
 scenes could be solved without spatial context and would not exercise the U-Net.
 
-    python bench/colour_baseline.py --data_root Dataset/synthetic
+    python -m bench.colour_baseline --data_root Dataset/synthetic
 
 Measured (seed 0, 300 train / 60 val): 0.093 mIoU at 512x256, 0.097 at 128x64.
 """
 import argparse
-import os
 import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import ClassTable, find_samples, read_image, read_mask  # noqa: E402
-from metrics import ConfusionMatrix  # noqa: E402
+from dataset import ClassTable, CityscapesLayout, read_image, read_mask
+from metrics import ConfusionMatrix
 
 
 def _pixels(image_path, mask_path, label_to_train):
@@ -30,7 +28,7 @@ def class_means(root, class_table):
     """(C, 3) mean train-split colour per class; NaN rows for classes without pixels."""
     sums = np.zeros((class_table.num_classes, 3))
     counts = np.zeros(class_table.num_classes)
-    for image_path, mask_path in find_samples(root, "train"):
+    for image_path, mask_path in CityscapesLayout(root).samples("train"):
         colors, train_ids = _pixels(image_path, mask_path, class_table.label_to_train)
         valid = train_ids < class_table.num_classes
         counts += np.bincount(train_ids[valid], minlength=class_table.num_classes)
@@ -46,7 +44,7 @@ def colour_baseline_miou(root):
     means = class_means(root, class_table)
     seen = np.flatnonzero(~np.isnan(means[:, 0]))
     confusion = ConfusionMatrix(class_table.num_classes)
-    for image_path, mask_path in find_samples(root, "val"):
+    for image_path, mask_path in CityscapesLayout(root).samples("val"):
         colors, train_ids = _pixels(image_path, mask_path, class_table.label_to_train)
         distances = ((colors[:, None, :] - means[None, seen, :]) ** 2).sum(-1)
         prediction = seen[distances.argmin(1)]

@@ -3,16 +3,14 @@ without augmentation, vs torchvision.datasets.Cityscapes + PIL resize, vs traini
 --data_cache device path (batched augmentation of a uint8 cache); and the issue-3 target, the
 prepared+augmented loader >= 5x the CPU training throughput of the default model.
 
-    python bench/data_loading.py                    # 40 raw synthetic images in bench/out (made once)
-    python bench/data_loading.py --train_img_s 0.15 --record
+    python -m bench.data_loading                    # 40 raw synthetic images in bench/out (made once)
+    python -m bench.data_loading --train_img_s 0.15 --record
 
 Raw data: synthetic_city.generate(..., size=(2048, 1024)) into bench/out (git-ignored), prepared once
 with dataset.prepare. Every loader uses --num_workers persistent workers and --batch_size; passes
 over the train split are timed round-robin after one warm-up pass each (median of --repeats).
 """
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,14 +21,18 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import Cityscapes
 from torchvision.transforms.v2 import functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import synthetic_city  # noqa: E402
-from dataset import MEAN, STD, CityscapesDataset, DeviceCache, prepare  # noqa: E402
-from train_step import build_step  # noqa: E402
-from training import resolve_device  # noqa: E402
+import synthetic_city
+from batches import DeviceCache
+from bench import harness
+from bench.train_step import build_step
+from dataset import MEAN, STD, SegmentationDataset, prepare
+from runtime import resolve_device
 
 BENCH_OUT = Path(__file__).resolve().parent / "out"
+
+
+def CityscapesDataset(root, split, image_size, augment=False):
+    return SegmentationDataset(root, split, image_size, augment=augment, layout="cityscapes")
 RAW_SIZE = (2048, 1024)
 TRAIN_SIZE = (512, 256)
 
@@ -146,7 +148,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if min(args.num_images, args.batch_size, args.repeats, args.train_steps) < 1 or args.num_workers < 0:
         parser.error("--num_images, --batch_size, --repeats, --train_steps must be >= 1, --num_workers >= 0")
-    args.cache_device = resolve_device(args.cache_device, 0)
+    args.cache_device = resolve_device(args.cache_device)
     return args
 
 

@@ -1,8 +1,8 @@
 """The headline number: wall time of N full-size epochs of `python training.py` with MFU.
 
-    python bench/epoch.py                                          # CPU: a 4-image subset, 1 epoch
-    python bench/epoch.py --device cuda --train_images 2975 --epochs 10 --batch_size 32 --compile --record
-    python bench/epoch.py --device cuda --train_images 2975 --epochs 10 --batch_size 32 --compile \
+    python -m bench.epoch                                          # CPU: a 4-image subset, 1 epoch
+    python -m bench.epoch --device cuda --train_images 2975 --epochs 10 --batch_size 32 --compile --record
+    python -m bench.epoch --device cuda --train_images 2975 --epochs 10 --batch_size 32 --compile \
         --data_cache device --record
 
 Runs the real training.py (a subprocess, as a user would) on the synthetic city at Cityscapes'
@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import synthetic_city  # noqa: E402
-from train_step import training_flops  # noqa: E402
-from training import resolve_device  # noqa: E402
+import synthetic_city
+from bench import harness
+from bench.train_step import training_flops
+from runtime import resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_OUT = REPO / "bench" / "out"
@@ -35,7 +33,7 @@ SEED_IMAGES_PER_SECOND = 10 * 2975 / (4.5 * 3600)  # the seed's 10 epochs on an 
 
 
 def run(args):
-    device = resolve_device(args.device, 0)
+    device = resolve_device(args.device)
     peak_tflops, peak_note = harness.peak_tflops(args, device)
     header = harness.machine_header(device)
     print(header)

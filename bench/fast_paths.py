@@ -1,8 +1,8 @@
 """Each training fast path on and off: training.py's step with its defaults, against the same step with
 one fast path switched off (or, where the default leaves it off, on), all timed round-robin in one run.
 
-    python bench/fast_paths.py                                      # CPU, classic U-Net at 512x256, batch 1
-    python bench/fast_paths.py --device cuda --batch_size 32 --steps_per_call 5 --compile --record
+    python -m bench.fast_paths                                      # CPU, classic U-Net at 512x256, batch 1
+    python -m bench.fast_paths --device cuda --batch_size 32 --steps_per_call 5 --compile --record
 
 Rows (CUDA-only switches are left out on the CPU, where training.py does not use them):
 - defaults:              what `python training.py` does on this device (bench/train_step.py "ours")
@@ -19,15 +19,12 @@ the input pipeline, which this step does not use: bench/data_loading.py and benc
 (--data_cache device) measure those.
 """
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import training  # noqa: E402
-from train_step import build_step, training_flops  # noqa: E402
+from bench import harness
+from bench.train_step import build_step, training_flops
+from runtime import resolve_device, use_channels_last
 
 
 def candidate(options, steps_per_call, tf32=True, host_sync=False):
@@ -51,7 +48,7 @@ def candidates(options, device, steps_per_call, with_compile):
     if device.type == "cuda":
         rows["amp off"] = candidate({**options, "amp": "off"}, steps_per_call)
         rows["amp off, TF32 off"] = candidate({**options, "amp": "off"}, steps_per_call, tf32=False)
-    flipped = "off" if training.resolve_channels_last("auto", device) else "on"
+    flipped = "off" if use_channels_last("auto", device, training=True) else "on"
     rows[f"channels_last {flipped}"] = candidate({**options, "channels_last": flipped}, steps_per_call)
     rows["host sync every step"] = candidate(options, steps_per_call, host_sync=True)
     if with_compile:
@@ -60,7 +57,7 @@ def candidates(options, device, steps_per_call, with_compile):
 
 
 def run(args):
-    device = training.resolve_device(args.device, 0)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     peak_tflops, peak_note = harness.peak_tflops(args, device)

@@ -37,8 +37,8 @@ smp=$(python3 -c "import segmentation_models_pytorch" 2>/dev/null && echo smp)
 [[ -n $smp ]] || echo "segmentation_models_pytorch does not import: the smp row is left out" | tee -a "$log"
 
 bench() {
-    echo "+ python3 $*" | tee -a "$log"
-    python3 "$@" "${record[@]}" 2>&1 | tee -a "$log" || echo "FAILED (exit ${PIPESTATUS[0]}): $*" | tee -a "$log"
+    echo "+ python3 -m $*" | tee -a "$log"
+    python3 -m "$@" "${record[@]}" 2>&1 | tee -a "$log" || echo "FAILED (exit ${PIPESTATUS[0]}): $*" | tee -a "$log"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
@@ -51,22 +51,22 @@ case $part in
     [[ $device == cuda ]] || tests+=(--collect-only)  # a dry run only checks that they are found
     echo "+ python3 ${tests[*]}" | tee -a "$log"
     python3 "${tests[@]}" 2>&1 | tee -a "$log" || echo "FAILED (exit ${PIPESTATUS[0]}): CUDA-only tests" | tee -a "$log"
-    bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours textbook $smp
-    bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours --cudnn_benchmark off
-    bench bench/fast_paths.py "${common[@]}" --repeats "$repeats" --steps_per_call 5
+    bench bench.train_step "${common[@]}" --repeats "$repeats" --candidates ours textbook $smp
+    bench bench.train_step "${common[@]}" --repeats "$repeats" --candidates ours --cudnn_benchmark off
+    bench bench.fast_paths "${common[@]}" --repeats "$repeats" --steps_per_call 5
     ;;
 2)
-    bench bench/train_step.py "${common[@]}" --repeats "$repeats" --candidates ours --compile
-    bench bench/epoch.py --device "$device" --batch_size "$batch" --train_images "$images" --epochs "$epochs" \
+    bench bench.train_step "${common[@]}" --repeats "$repeats" --candidates ours --compile
+    bench bench.epoch --device "$device" --batch_size "$batch" --train_images "$images" --epochs "$epochs" \
         --compile --data_cache device
     ;;
 3)
-    bench bench/epoch.py --device "$device" --batch_size "$batch" --train_images "$images" --epochs 1 --compile
-    bench bench/data_loading.py --num_workers 8 --batch_size 8 --base_channels "$base" --num_images "$raw_images" \
+    bench bench.epoch --device "$device" --batch_size "$batch" --train_images "$images" --epochs 1 --compile
+    bench bench.data_loading --num_workers 8 --batch_size 8 --base_channels "$base" --num_images "$raw_images" \
         --repeats 3 --cache_device "$device"
-    bench bench/inference_speed.py --device "$device" --base_channels "$base" --batch_size 16 --num_workers 8 \
+    bench bench.inference_speed --device "$device" --base_channels "$base" --batch_size 16 --num_workers 8 \
         --num_images "$photos" --repeats "$repeats"
-    bench bench/layout.py --device "$device" --batch_sizes 8 "$batch" --image_size "$size" --base_channels "$base" \
+    bench bench.layout --device "$device" --batch_sizes 8 "$batch" --image_size "$size" --base_channels "$base" \
         --repeats "$repeats"
     ;;
 *)

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import size_arg  # noqa: E402
+from runtime import size_arg
 
 README = Path(__file__).resolve().parent / "README.md"
 # H100 SXM dense bf16 tensor-core peak (TFLOP/s); the MFU denominator on CUDA unless --peak_tflops says otherwise.
@@ -163,7 +162,8 @@ def format_table(header, rows):
 def record(title, header_line, body):
     """Append a dated results block, with the command that made it, to bench/README.md (below its
     last line, never rewriting it)."""
-    block = f"\n### {title}\n\n{header_line}\n\n`python {' '.join(sys.argv)}`\n\n{body}\n"
+    command = " ".join([f"python -m bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+    block = f"\n### {title}\n\n{header_line}\n\n`{command}`\n\n{body}\n"
     with open(README, "a") as file:
         file.write(block)
     print(f"recorded in {README}")

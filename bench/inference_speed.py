@@ -1,7 +1,7 @@
 """Inference speed on a folder: inference.py's predict path vs a naive one-image-at-a-time loop.
 
-    python bench/inference_speed.py                          # demo-sized model, 8 raw 2048x1024 photos
-    python bench/inference_speed.py --base_channels 64 --device cuda --batch_size 16 --record
+    python -m bench.inference_speed                          # demo-sized model, 8 raw 2048x1024 photos
+    python -m bench.inference_speed --base_channels 64 --device cuda --batch_size 16 --record
 
 Both write the same three files per photo (mask, colour, overlay at the photo's resolution) into
 bench/out. Ours: inference.predict (DataLoader decoding, batches under inference_mode, logits
@@ -13,20 +13,19 @@ Runs are timed round-robin, median of --repeats, after one warm-up run each.
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import inference  # noqa: E402
-import synthetic_city  # noqa: E402
-from dataset import MEAN, STD, ClassTable, colorize, overlay, size_arg  # noqa: E402
-from training import inference_checkpoint, resolve_device  # noqa: E402
-from unet import UNet  # noqa: E402
+import inference
+import synthetic_city
+from bench import harness
+from dataset import MEAN, STD, ClassTable
+from runtime import resolve_device, size_arg
+from unet import UNet, load_weights, save_weights
+from visualize import colorize, overlay
 
 BENCH_OUT = Path(__file__).resolve().parent / "out"
 
@@ -44,12 +43,13 @@ def make_inputs(num_images):
 
 
 def make_checkpoint(base_channels, image_size):
-    """A random-init UNet in the training.py checkpoint format."""
+    """A random-init UNet in the weights format training.py writes."""
     torch.manual_seed(0)
     model = UNet(base_channels=base_channels)
-    class_names = ClassTable.from_names().names
+    classes = ClassTable.from_names()
     path = BENCH_OUT / f"unet_base{base_channels}_{image_size[0]}x{image_size[1]}.pth"
-    torch.save(inference_checkpoint(model, {"image_size": f"{image_size[0]}x{image_size[1]}"}, class_names), path)
+    save_weights(path, model, class_names=classes.names, class_colors=classes.colors, image_size=image_size,
+                 mean=MEAN, std=STD, dataset="cityscapes")
     return path
 
 
@@ -58,7 +58,7 @@ def naive_predict(checkpoint, input_dir, output_dir, device):
     """The seed-style loop: one photo at a time, nothing overlapped."""
     output_dir.mkdir(parents=True, exist_ok=True)
     model = checkpoint.model.to(device).eval()
-    colors = checkpoint.class_table.colors
+    colors = ClassTable.from_names(checkpoint.class_names).colors
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for path in sorted(input_dir.iterdir()):
         photo = Image.open(path).convert("RGB")
@@ -75,17 +75,18 @@ def naive_predict(checkpoint, input_dir, output_dir, device):
 
 
 def run(args):
-    device = resolve_device(args.device, 0)
+    device = resolve_device(args.device)
     header = harness.machine_header(device)
     print(header)
     input_dir = make_inputs(args.num_images)
     checkpoint_path = make_checkpoint(args.base_channels, args.image_size)
-    checkpoint, naive_checkpoint = (inference.load_checkpoint(checkpoint_path) for _ in range(2))
+    segmenter = inference.Segmenter(checkpoint_path, device=args.device)
+    naive_checkpoint = load_weights(checkpoint_path)
     ours_args = inference.parse_args(["--checkpoint", str(checkpoint_path), "--input", str(input_dir),
                                       "--output", str(BENCH_OUT / "predictions_ours"), "--device", args.device,
                                       "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers)])
     candidates = {
-        "inference.py": lambda: inference.predict(ours_args, checkpoint),
+        "inference.py": lambda: inference.predict(ours_args, segmenter),
         "naive loop": lambda: naive_predict(naive_checkpoint, input_dir, BENCH_OUT / "predictions_naive", device),
     }
     times = harness.interleaved_times(candidates, args.repeats, device)

@@ -2,28 +2,23 @@
 inference, plus the inference settings that decide CPU speed (Conv+BatchNorm folding, batch size,
 torch.compile), so training.py and inference.py can pick the fastest per device automatically.
 
-    python bench/layout.py                                  # CPU, classic U-Net (base 64) at 512x256
-    python bench/layout.py --device cuda --batch_sizes 8 32 --compile --record
+    python -m bench.layout                                  # CPU, classic U-Net (base 64) at 512x256
+    python -m bench.layout --device cuda --batch_sizes 8 32 --compile --record
 
 Training: training.py's step (bench/train_step.py "ours") with --channels_last off vs on.
-Inference: inference.py's prepare_model + run_model under inference_mode, for each layout, with and
+Inference: the forward pass as inference.Segmenter runs it, under inference_mode, for each layout, with and
 without Conv+BatchNorm folded (torch.nn.utils.fusion.fuse_conv_bn_eval: eval-mode BatchNorm is an
 affine map, so it folds into the conv weights and its memory pass disappears).
 GFLOP/s = FLOPs counted by FlopCounterMode / median time; every group is timed round-robin.
 """
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import inference  # noqa: E402
-from dataset import size_arg  # noqa: E402
-from train_step import build_step, training_flops  # noqa: E402
-from training import resolve_amp_dtype, resolve_device  # noqa: E402
-from unet import UNet  # noqa: E402
+from bench import harness
+from bench.train_step import build_step, training_flops
+from runtime import autocast_dtype, resolve_device, size_arg
+from unet import UNet, fold_batchnorm
 
 ISSUE_6_CPU_INFERENCE_GFLOPS = 130
 
@@ -31,16 +26,19 @@ ISSUE_6_CPU_INFERENCE_GFLOPS = 130
 def inference_runner(options, batch_size, channels_last, folded, device):
     torch.manual_seed(0)
     model = UNet(base_channels=options["base_channels"], depth=options["depth"]).eval()
-    model = inference.prepare_model(model, device, channels_last, fold_bn=folded)
+    model = (fold_batchnorm(model) if folded else model).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if options["compile"]:
         model = torch.compile(model)
     width, height = options["image_size"]
-    images = torch.randn(batch_size, 3, height, width, device=device)
-    amp_dtype = resolve_amp_dtype("auto", device)
+    images = torch.randn(batch_size, 3, height, width, device=device).contiguous(memory_format=memory_format)
+    amp_dtype = autocast_dtype("auto", device)
 
     @torch.inference_mode()
     def forward():
-        return inference.run_model(model, images, device, amp_dtype, channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(images)
 
     return forward
 
@@ -64,7 +62,7 @@ def table(times, flops, batch_size):
 
 
 def run(args):
-    device = resolve_device(args.device, 0)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     header = harness.machine_header(device)

@@ -1,8 +1,8 @@
 """A roofline model of our training step on a GPU, computed without one: where the time must go, and the
 MFU that eager mode and torch.compile's fusion could reach at best. A model, not a measurement.
 
-    python bench/roofline.py                                  # classic U-Net, 32 x 512x256, H100 SXM figures
-    python bench/roofline.py --batch_size 8 --record
+    python -m bench.roofline                                  # classic U-Net, 32 x 512x256, H100 SXM figures
+    python -m bench.roofline --batch_size 8 --record
 
 The step (bf16 forward and backward of the UNet, float32 CE + Dice as CEDiceLoss computes it) runs on
 fake tensors (shapes only) under a dispatch mode that sees every aten op: its FLOPs (torch's own FlopCounter
@@ -20,8 +20,6 @@ schedule. Real kernels reach perhaps 60-80% of either peak, and launch overheads
 bench/fast_paths.py on a GPU.
 """
 import argparse
-import os
-import sys
 from collections import defaultdict
 from datetime import datetime
 
@@ -31,10 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-from losses import CEDiceLoss  # noqa: E402
-from unet import UNet  # noqa: E402
+from bench import harness
+from losses import CEDiceLoss
+from unet import UNet
 
 NUM_CLASSES = 19
 H100_SXM = dict(tensor_tflops=989.0, fp32_tflops=67.0, bandwidth_tbps=3.35)  # dense bf16, FP32 non-tensor, HBM3

@@ -1,7 +1,7 @@
 """Training-step speed: our step (training.py) vs a textbook step vs segmentation_models_pytorch's U-Net.
 
-    python bench/train_step.py                                   # CPU, classic U-Net at 512x256, batch 1
-    python bench/train_step.py --device cuda --batch_size 32 --compile --record
+    python -m bench.train_step                                   # CPU, classic U-Net at 512x256, batch 1
+    python -m bench.train_step --device cuda --batch_size 32 --compile --record
 
 Candidates, timed round-robin in one run (median of --repeats):
 - ours:     training.py's own train_step, build_optimizer (fused AdamW), autocast choice (bf16
@@ -17,19 +17,18 @@ an AVX2 fp32 estimate on CPU, printed).
 """
 import argparse
 import itertools
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness  # noqa: E402
-import training  # noqa: E402
-from dataset import IGNORE_INDEX  # noqa: E402
-from losses import CEDiceLoss  # noqa: E402
-from lr_schedule import WarmupInverseSqrtLR  # noqa: E402
-from unet import UNet  # noqa: E402
+from bench import harness
+import training
+from config import TrainConfig
+from dataset import IGNORE_INDEX
+from losses import CEDiceLoss
+from lr_schedule import WarmupInverseSqrtLR
+from runtime import resolve_device
+from unet import UNet
 
 NUM_CLASSES = 19
 CANDIDATES = ("ours", "textbook", "smp")
@@ -67,7 +66,7 @@ def textbook_loss(logits, masks):
 def our_config(options):
     """training.py's defaults with the bench's model and speed flags (those `options` sets)."""
     keys = ("device", "base_channels", "depth", "amp", "channels_last", "compile", "cudnn_benchmark")
-    return {**training.DEFAULTS, **{key: options[key] for key in keys if key in options}}
+    return TrainConfig(**{key: options[key] for key in keys if key in options})
 
 
 def build_step(name, options):
@@ -89,19 +88,19 @@ def build_step(name, options):
         return textbook_step
 
     config = our_config(options)
-    device, amp_dtype, memory_format = training.setup_device(config, 0, 1)
+    device, amp_dtype, memory_format = training.setup_device(config, 0)
     if name == "ours":
-        model, optimizer, scheduler, scaler = training.build_model(config, NUM_CLASSES, device, memory_format,
-                                                                   amp_dtype, 1)
-    else:  # another network through our loop: build_model's steps, for a model it does not build
+        model, optimizer, scheduler, scaler = training.build_training(config, NUM_CLASSES, device, memory_format,
+                                                                      amp_dtype)
+    else:  # another network through our loop: build_training's steps, for a model it does not build
         model = build_network(name, options).to(device, memory_format=memory_format)
         optimizer = training.build_optimizer(model, config)
-        scheduler = WarmupInverseSqrtLR(optimizer, config["warmup_steps"], config["decay_factor"], config["min_lr"])
+        scheduler = WarmupInverseSqrtLR(optimizer, config.warmup_steps, config.decay_factor, config.min_lr)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model.train()
-    loss_fn = CEDiceLoss(NUM_CLASSES, IGNORE_INDEX, config["ce_weight"], config["dice_weight"]).to(device)
-    loss_fn = training.for_training_step(loss_fn, config)
-    step_model = training.for_training_step(model, config)
+    loss_fn = CEDiceLoss(NUM_CLASSES, IGNORE_INDEX, config.ce_weight, config.dice_weight).to(device)
+    loss_fn = training.compiled(loss_fn, config)
+    step_model = training.compiled(model, config)
     batches = itertools.repeat((images, masks))
 
     def autocast():
@@ -109,7 +108,7 @@ def build_step(name, options):
 
     def our_step():
         loss, _, _ = training.train_step(step_model, batches, 1, loss_fn, optimizer, scaler, autocast,
-                                         config["grad_clip"], device, memory_format)
+                                         config.grad_clip, device, memory_format)
         scheduler.step()
         return loss
 
@@ -127,7 +126,7 @@ def training_flops(name, options):
 
 
 def run(args):
-    device = training.resolve_device(args.device, 0)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(device=str(device), base_channels=args.base_channels, depth=args.depth,

@@ -10,9 +10,11 @@ from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
 
 import dataset
-from dataset import (IGNORE_INDEX, CityscapesDataset, ClassTable, DatasetError, colorize, denormalize,
-                     has_cityscapes, legend_image, one_line, overlay, parse_size, prepare, save_prediction_grid,
+import synthetic_city
+from dataset import (IGNORE_INDEX, ClassTable, DatasetError, SegmentationDataset, denormalize, has_cityscapes, prepare,
                      write_image_atomically)
+from runtime import one_line, parse_size
+from visualize import colorize, legend_image, overlay, save_prediction_grid
 
 EVAL_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 VOID_LABEL_IDS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30]
@@ -20,6 +22,10 @@ VOID_LABEL_IDS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30]
 SEED_CLASSES = ["road", "sidewalk", "parking", "building", "wall", "fence", "guard rail", "bridge", "pole",
                 "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
                 "truck", "bus", "train", "motorcycle", "bicycle", "static", "dynamic"]
+
+
+def CityscapesDataset(root, split="train", image_size=(512, 256), **options):
+    return SegmentationDataset(root, split, image_size, layout="cityscapes", **options)
 
 
 def png(path):
@@ -329,7 +335,7 @@ def test_parse_size_rejects_bad_strings(text):
 
 def test_size_flag_error_says_what_is_wrong(capsys):
     with pytest.raises(SystemExit):
-        dataset.main(["synth", "--train", "1", "--val", "1", "--size", "0x3"])
+        synthetic_city.main(["--train", "1", "--val", "1", "--size", "0x3"])
     assert "invalid size '0x3': expected WIDTHxHEIGHT with positive integers" in capsys.readouterr().err
 
 
@@ -402,6 +408,8 @@ def test_prepare_never_overwrites(make_cityscapes, tmp_path):
     with pytest.raises(DatasetError, match="nowhere: source root not found"):
         prepare(tmp_path / "nowhere", tmp_path / "out", (32, 16), workers=1)
     with pytest.raises(DatasetError, match="not a Cityscapes root"):
+        prepare(tmp_path / "prepared" / "gtFine", tmp_path / "out", (32, 16), workers=1, layout="cityscapes")
+    with pytest.raises(DatasetError, match="gtFine: no dataset here"):
         prepare(tmp_path / "prepared" / "gtFine", tmp_path / "out", (32, 16), workers=1)
 
 
@@ -419,27 +427,16 @@ def test_cli_prepare_and_errors(make_cityscapes, tmp_path, capsys):
     src = make_cityscapes(counts={"train": 2, "val": 2})
     dataset.main(["prepare", "--src", str(src), "--dst", str(tmp_path / "out"), "--size", "32x16", "--workers", "1"])
     assert "wrote 8 files, skipped 0" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        dataset.main(["prepare", "--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "x")])
-    assert exit_info.value.code == 2
+    assert dataset.main(["prepare", "--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: source root not found\n"
     with pytest.raises(SystemExit) as exit_info:
         dataset.main(["prepare", "--src", str(src), "--dst", str(tmp_path / "x"), "--size", "big"])
     assert exit_info.value.code == 2
 
 
-def test_cli_synth_delegates_to_synthetic_city(monkeypatch):
-    calls = []
-    fake = types.SimpleNamespace(generate=lambda *args, **kwargs: calls.append((args, kwargs)))
-    monkeypatch.setitem(sys.modules, "synthetic_city", fake)
-    dataset.main(["synth", "--out", "somewhere", "--train", "3", "--val", "2", "--test", "1", "--size", "64x32",
-                  "--seed", "5", "--workers", "1"])
-    assert calls == [(("somewhere", 3, 2), {"size": (64, 32), "seed": 5, "workers": 1, "num_test": 1})]
-
-
 def test_cli_synth_writes_a_dataset_this_module_reads(tmp_path, capsys):
-    dataset.main(["synth", "--out", str(tmp_path / "city"), "--train", "2", "--val", "1", "--size", "64x32",
-                  "--workers", "1"])
+    assert synthetic_city.main(["--out", str(tmp_path / "city"), "--train", "2", "--val", "1", "--size", "64x32",
+                                "--workers", "1"]) == 0
     assert "2 train, 1 val" in capsys.readouterr().out
     images, masks = zip(*CityscapesDataset(tmp_path / "city", "train", image_size=(64, 32)))
     assert len(images) == 2 and masks[0].shape == (32, 64) and (masks[0] == IGNORE_INDEX).any()  # ego band

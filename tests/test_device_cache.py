@@ -1,4 +1,4 @@
-"""DeviceCache (dataset.py): the split kept as uint8 tensors, augmented in batch; and training.py's
+"""DeviceCache (batches.py): the split kept as uint8 tensors, augmented in batch; and training.py's
 --data_cache device, whose runs must be as reproducible and resumable as the DataLoader path's."""
 import numpy as np
 import pytest
@@ -6,9 +6,14 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 import training
-from dataset import IGNORE_INDEX, CityscapesDataset, DeviceCache, denormalize, jitter
+from batches import DeviceCache, jitter
+from dataset import IGNORE_INDEX, SegmentationDataset, denormalize
 
 SIZE = (64, 32)
+
+
+def CityscapesDataset(root, split, image_size):
+    return SegmentationDataset(root, split, image_size, layout="cityscapes")
 WIDTH, HEIGHT = SIZE
 
 

@@ -17,13 +17,18 @@ from PIL import Image
 from torchvision.datasets import Cityscapes
 
 import inference
-from dataset import MEAN, STD, CityscapesDataset, ClassTable, resize_image
+import unet
+from dataset import MEAN, STD, ClassTable, SegmentationDataset, read_photo, resize_image
 from metrics import ConfusionMatrix
-from unet import UNet
+from unet import UNet, fold_batchnorm, upsample_argmax
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_SIZE = (32, 16)  # (width, height) the tiny test checkpoints claim to be trained at
 CLASSES = ClassTable.from_names()
+
+
+def CityscapesDataset(root, split, image_size):
+    return SegmentationDataset(root, split, image_size, layout="cityscapes")
 
 
 def tiny_unet(num_classes=19, depth=2, bilinear=False, seed=0):
@@ -32,7 +37,7 @@ def tiny_unet(num_classes=19, depth=2, bilinear=False, seed=0):
 
 
 def save_checkpoint(path, model, class_names=None, image_size=TRAINING_SIZE):
-    """The checkpoint dict of the team contract (what training.py writes)."""
+    """A weights file as training.py wrote it before it recorded class colours (still read as it is)."""
     torch.save({"model": model.state_dict(), "model_config": model.config,
                 "class_names": class_names or CLASSES.names, "image_size": list(image_size),
                 "mean": list(MEAN), "std": list(STD)}, path)
@@ -99,7 +104,7 @@ def file_hashes(folder):
 
 def test_every_image_kind_gets_mask_color_and_overlay_at_its_own_size(tmp_path, checkpoint, monkeypatch):
     # as if wide.png (4100x60) were a 4000x3000 photo: its logits are upsampled 5 classes at a time
-    monkeypatch.setattr(inference, "UPSAMPLE_BYTES", 5 * 4 * 4100 * 60)
+    monkeypatch.setattr(unet, "UPSAMPLE_BYTES", 5 * 4 * 4100 * 60)
     images = tmp_path / "images"
     sizes = write_every_kind(images, np.random.default_rng(0))
     (images / "readme.md").write_text("not an image: ignored in folder mode")
@@ -151,7 +156,7 @@ def test_load_photo_converts_every_mode_to_rgb(tmp_path, mode):
     }[mode]
     path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
     source.save(path)
-    photo = inference.load_photo(path)
+    photo = read_photo(path)
     assert photo.dtype == np.uint8 and photo.shape == (12, 10, 3)
     expected = {
         "L": np.repeat(rgb[..., :1], 3, -1),
@@ -176,7 +181,7 @@ def test_exif_rotated_photo_mask_matches_the_photo_as_displayed(tmp_path, checkp
     exif[0x0112] = 6  # orientation 6: display rotated 90 degrees clockwise
     Image.fromarray(stored).save(images / "rotated.png", exif=exif)
     Image.fromarray(np.rot90(stored, -1)).save(images / "upright.png")
-    np.testing.assert_array_equal(inference.load_photo(images / "rotated.png"), np.rot90(stored, -1))
+    np.testing.assert_array_equal(read_photo(images / "rotated.png"), np.rot90(stored, -1))
     assert run("--checkpoint", checkpoint, "--input", images, "--output", output) == 0
     for kind in ("mask.png", "color.png"):
         rotated = Image.open(output / f"rotated_{kind}")
@@ -360,7 +365,7 @@ def test_bare_state_dict_matches_the_full_checkpoint(tmp_path, depth, bilinear, 
     for kind in ("mask.png", "color.png"):
         full_bytes = (tmp_path / "full" / f"street_{kind}").read_bytes()
         assert full_bytes == (tmp_path / "bare" / f"street_{kind}").read_bytes()
-    loaded = inference.load_checkpoint(bare, class_names=names)
+    loaded = inference.Segmenter(bare, device="cpu", classes=names)
     assert loaded.model.config == {**model.config, "dropout": loaded.model.config["dropout"]}
 
 
@@ -432,7 +437,7 @@ def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(tmp_path, capsys, ki
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
-def test_folded_batchnorm_gives_the_logits_of_the_trained_model(bilinear):
+def test_folded_batchnorm_gives_the_logits_of_the_trained_model(bilinear, tmp_path):
     model = tiny_unet(depth=3, bilinear=bilinear).train()
     with torch.no_grad():  # running statistics and affine parameters far from their initial 0 / 1
         for module in model.modules():
@@ -448,13 +453,13 @@ def test_folded_batchnorm_gives_the_logits_of_the_trained_model(bilinear):
     images = torch.randn(2, 3, 16, 32)
     with torch.no_grad():
         expected = model(images)
-        folded = inference.fold_batchnorm(copy.deepcopy(model))
-        deployed = inference.prepare_model(copy.deepcopy(model), torch.device("cpu"), channels_last=True)
+        folded = fold_batchnorm(copy.deepcopy(model))
         assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
         assert expected.std() > 0.1  # non-trivial logits: a tolerance of 1e-5 is tight
         torch.testing.assert_close(folded(images), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(deployed(images.contiguous(memory_format=torch.channels_last)), expected,
-                                   rtol=1e-5, atol=1e-5)
+    deployed = inference.Segmenter(save_checkpoint(tmp_path / "model.pth", model), device="cpu", channels_last="on")
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in deployed.model.modules())
+    torch.testing.assert_close(deployed.logits(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_upsample_argmax_in_class_chunks_equals_the_full_argmax(monkeypatch):
@@ -463,8 +468,8 @@ def test_upsample_argmax_in_class_chunks_equals_the_full_argmax(monkeypatch):
     logits[3] = logits[7]  # exact ties resolve to the lower class, as torch.argmax does
     full = F.interpolate(logits[None], size=(61, 83), mode="bilinear", align_corners=False).argmax(1)[0]
     for chunk_bytes in (4 * 61 * 83, 3 * 4 * 61 * 83, 2**30):
-        monkeypatch.setattr(inference, "UPSAMPLE_BYTES", chunk_bytes)
-        assert torch.equal(inference.upsample_argmax(logits, (61, 83)), full)
+        monkeypatch.setattr(unet, "UPSAMPLE_BYTES", chunk_bytes)
+        assert torch.equal(upsample_argmax(logits, (61, 83)), full)
 
 
 def test_no_arguments_uses_the_readme_folders(tmp_path, monkeypatch, capsys):

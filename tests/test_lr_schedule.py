@@ -3,6 +3,7 @@ import torch
 from PIL import Image
 
 import lr_schedule
+from config import TrainConfig
 from lr_schedule import WarmupInverseSqrtLR, lr_at, plot_schedule
 
 CONFIG = dict(base_lr=1e-3, warmup_steps=100, decay_factor=0.01, min_lr=1e-5)
@@ -93,11 +94,9 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_cli_writes_png_and_rejects_bad_args(tmp_path, capsys):
     out = tmp_path / "cli.png"
-    lr_schedule.main(["--warmup_steps", "10", "--training_iterations", "100", "--out", str(out)])
+    assert lr_schedule.main(["--warmup_steps", "10", "--training_iterations", "100", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
-    with pytest.raises(SystemExit) as exit_info:
-        lr_schedule.main(["--min_lr", "1", "--base_lr", "0.1", "--out", str(tmp_path / "bad.png")])
-    assert exit_info.value.code == 2
+    assert lr_schedule.main(["--min_lr", "1", "--base_lr", "0.1", "--out", str(tmp_path / "bad.png")]) == 2
     assert capsys.readouterr().err.startswith("error: lr_schedule: min_lr")
     assert not (tmp_path / "bad.png").exists()
 
@@ -118,3 +117,10 @@ def test_bad_args_raise(kwargs, match):
 def test_scheduler_rejects_min_lr_above_a_group_lr():
     with pytest.raises(ValueError, match="exceed"):
         WarmupInverseSqrtLR(make_optimizer(lrs=(1e-3, 1e-5)), warmup_steps=5, decay_factor=0.1, min_lr=1e-4)
+
+
+def test_cli_defaults_are_those_of_the_cityscapes_preset():
+    defaults = vars(lr_schedule.build_parser().parse_args([]))
+    config = TrainConfig()
+    for key in ("base_lr", "min_lr", "warmup_steps", "decay_factor", "training_iterations"):
+        assert defaults[key] == getattr(config, key), key

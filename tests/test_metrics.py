@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import Cityscapes
 
-from metrics import ConfusionMatrix, format_table, plot_confusion_matrix, row_normalized
+from metrics import ConfusionMatrix, format_table
+from visualize import plot_confusion_matrix, row_normalized
 
 # Hand example, 4 classes, 12 pixels: class 3 appears nowhere; 7 is an out-of-range
 # prediction ("other"); the last three pixels are ignored and predicted as real classes.

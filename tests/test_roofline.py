@@ -1,16 +1,12 @@
 """bench/roofline.py's cost model, against hand counts and torch's FlopCounterMode: its conclusions
 (bench/README.md) are only as good as these numbers."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import roofline  # noqa: E402
-from unet import UNet  # noqa: E402
+from bench import roofline
+from unet import UNet
 
 
 def test_a_conv_costs_its_hand_counted_flops_and_bytes():

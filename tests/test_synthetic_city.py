@@ -10,7 +10,7 @@ from torchvision.datasets import Cityscapes
 
 import synthetic_city
 from bench.colour_baseline import colour_baseline_miou
-from dataset import find_samples
+from dataset import CityscapesLayout
 
 SIZE = (128, 64)
 COUNTS = dict(num_train=6, num_val=3, num_test=2)
@@ -56,7 +56,7 @@ def test_layout_and_names_are_the_official_ones(city):
 def test_torchvision_cityscapes_reads_it(city):
     """torchvision's own reader (an independent parser of the official layout) finds every pair."""
     reference = Cityscapes(str(city), split="train", mode="fine", target_type=["semantic", "color"])
-    assert len(reference) == 6 == len(find_samples(city, "train"))
+    assert len(reference) == 6 == len(CityscapesLayout(city).samples("train"))
     for image, (semantic, color) in reference:
         assert image.size == SIZE and semantic.size == SIZE
         label_ids = np.asarray(semantic)

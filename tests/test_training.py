@@ -3,6 +3,7 @@ Ctrl-C, non-finite steps, gradient accumulation, DDP (2 CPU processes, gloo) aga
 one-line errors for bad flags, paths and data files."""
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,17 +19,24 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+import batches
 import synthetic_city
 import training
+import visualize
+from config import PRESETS, TrainConfig
 from losses import CEDiceLoss
 from lr_schedule import lr_at
-from unet import UNet
+from runtime import use_channels_last
+from unet import UNet, weights_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
         "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu"]
-INFERENCE_KEYS = {"model", "model_config", "class_names", "image_size", "mean", "std"}
+INFERENCE_KEYS = {"model", "model_config", "class_names", "class_colors", "image_size", "mean", "std", "dataset",
+                  "torch_version"}
+DEFAULTS = TrainConfig()
+DEMO = PRESETS["synthetic"].settings
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,12 +74,15 @@ def test_help_documents_every_flag_with_its_default(capsys):
         training.main(["--help"])
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for key in training.DEFAULTS:
+    flags = [field.name for field in dataclasses.fields(TrainConfig) if field.metadata]
+    for key in flags:
         assert f"--{key}" in help_text
-    assert help_text.count("(default:") >= len(training.DEFAULTS)
-    assert "(default: 64; synthetic demo: 16)" in help_text  # --base_channels
-    assert "images per micro-batch and process (default: 8)" in help_text  # the demo's value is the same
-    assert "synthetic demo: 8)" not in help_text
+    assert help_text.count("(default:") >= len(flags) - 1  # all but --preset, whose default is the data's choice
+    assert "(default: 64; synthetic: 16" in help_text  # --base_channels
+    assert "images per micro-batch and process (default: 8" in help_text
+    assert "synthetic: 8)" not in help_text  # the demo's batch size is the default's: not repeated
+    for name, preset in PRESETS.items():  # the presets are listed with what each sets
+        assert f"{name}: {preset.description}" in help_text
 
 
 def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -144,8 +155,8 @@ def test_run_leaves_config_metrics_checkpoints_plots(city, tmp_path):
                             "--save_model_interval", "2", "--dice_weight", "0.5"))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "cityscapes" and config["image_size"] == "32x16" and config["dice_weight"] == 0.5
-    assert config["base_lr"] == training.DEFAULTS["base_lr"]  # Cityscapes defaults, not the demo's
-    assert config["decay_factor"] == training.DEFAULTS["decay_factor"]
+    assert config["base_lr"] == DEFAULTS.base_lr  # Cityscapes defaults, not the demo's
+    assert config["decay_factor"] == DEFAULTS.decay_factor and config["preset"] == "cityscapes"
 
     train, evals = records(run_dir)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -182,14 +193,28 @@ def test_without_cityscapes_trains_the_synthetic_demo(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     training.main([*TINY, "--synthetic_train", "4", "--synthetic_val", "2", "--training_iterations", "2",
                    "--out_dir", "run"])
-    assert "No Cityscapes at Dataset/cityscapes" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("preset synthetic (no Cityscapes at Dataset/cityscapes; ")
     config = json.loads(Path("run/config.json").read_text())
     assert (config["dataset"], config["data_root"]) == ("synthetic", "Dataset/synthetic")
     for key in ("base_lr", "decay_factor", "eval_interval"):
-        assert config[key] == training.SYNTHETIC_DEMO[key]  # demo defaults...
+        assert config[key] == DEMO[key]  # demo defaults...
     assert config["base_channels"] == 4 and config["image_size"] == "32x16"  # ...explicit flags win
     assert len(list(Path("Dataset/synthetic/leftImg8bit/train").glob("*/*.png"))) == 4
     assert set(load("unet_model.pth")) == INFERENCE_KEYS  # default --model_path
+
+
+def test_the_chosen_preset_and_why_come_first(city, tmp_path, capsys):
+    """The data decides the preset (said in the first line), --preset overrides it, explicit flags beat both."""
+    training.main(tiny_args(city, tmp_path / "by_data", "--training_iterations", "1"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"preset cityscapes (cityscapes data at {city}); flags given: --data_root --image_size")
+    assert "--out_dir" in first and "--preset" not in first
+    training.main(tiny_args(city, tmp_path / "chosen", "--training_iterations", "1", "--preset", "synthetic"))
+    assert capsys.readouterr().out.splitlines()[0].startswith("preset synthetic (--preset); flags given:")
+    config = json.loads((tmp_path / "chosen" / "config.json").read_text())
+    # the demo's recipe on the data at --data_root, recognised as Cityscapes
+    assert (config["preset"], config["dataset"], config["base_lr"]) == ("synthetic", "cityscapes", DEMO["base_lr"])
+    assert config["base_channels"] == 4  # the flag, not the preset's 16
 
 
 def test_a_synthetic_city_at_data_root_trains_the_demo_as_it_is(tmp_path, monkeypatch, capsys):
@@ -203,7 +228,7 @@ def test_a_synthetic_city_at_data_root_trains_the_demo_as_it_is(tmp_path, monkey
     assert f"{own}: using the synthetic city there as it is (48x16, 3 train and 2 val images)" in \
         capsys.readouterr().out
     config = json.loads(Path("run/config.json").read_text())
-    assert (config["dataset"], config["base_lr"]) == ("synthetic", training.SYNTHETIC_DEMO["base_lr"])
+    assert (config["dataset"], config["base_lr"]) == ("synthetic", DEMO["base_lr"])
     assert sorted(own.rglob("*")) == files and synthetic_city.read_settings(own)["num_train"] == 3
 
     interrupted = tmp_path / "interrupted"
@@ -243,14 +268,14 @@ def test_unlabelled_val_split_still_saves_the_weights_and_plots_iou_as_na(city, 
             figures.append(self)
             super().savefig(*args, **kwargs)
 
-    monkeypatch.setattr(training, "Figure", RecordedFigure)
+    monkeypatch.setattr(visualize, "Figure", RecordedFigure)
     run_dir = tmp_path / "run"
     training.main(tiny_args(city, run_dir, "--training_iterations", "1"))
     [final] = records(run_dir)[1]
     assert (final["miou"], final["pixel_acc"], final["val_pixels"]) == (None, None, 0)
     assert set(final["per_class_iou"].values()) == {None}
     assert set(load(run_dir / "unet_model.pth")) == INFERENCE_KEYS
-    curves, per_class = figures
+    _snapshot, curves, per_class, _confusion = figures
     assert all(line.get_marker() in (".", "o") for axis in curves.axes for line in axis.get_lines())
     axis = per_class.axes[0]
     assert [(bar.get_width(), bar.get_hatch()) for bar in axis.patches] == [(1, "//")] * 19
@@ -278,9 +303,9 @@ def test_compile_trains_like_eager(city, tmp_path, monkeypatch):
     """--compile (model and loss) gives the eager run's losses and metrics up to float rounding, and
     evaluation runs the eager modules (compiled, eval mode and new batch sizes would recompile)."""
     evaluated = []
-    evaluate = training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda model, loader, loss_fn, *args: (
-        evaluated.append((type(model), type(loss_fn))), evaluate(model, loader, loss_fn, *args))[1])
+    validate = training.validate
+    monkeypatch.setattr(training, "validate", lambda model, loader, loss_fn, *args: (
+        evaluated.append((type(model), type(loss_fn))), validate(model, loader, loss_fn, *args))[1])
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         training.main(tiny_args(city, tmp_path / name, "--training_iterations", "3", "--dropout", "0", *extra))
@@ -330,9 +355,9 @@ def test_train_step_never_reads_a_tensor_back(monkeypatch, amp):
     """No .item(), bool(), float(), .tolist() or .cpu() in a training step (on a GPU each waits for it to
     finish), a NaN step included; the loop reads its tallies back only at log steps. fp16 brings the
     GradScaler's unscale/update in."""
-    config = {**training.DEFAULTS, "device": "cpu", "base_channels": 4, "depth": 2, "amp": amp}
-    device, amp_dtype, memory_format = training.setup_device(config, 0, 1)
-    model, optimizer, _, scaler = training.build_model(config, 5, device, memory_format, amp_dtype, 1)
+    config = TrainConfig(device="cpu", base_channels=4, depth=2, amp=amp)
+    device, amp_dtype, memory_format = training.setup_device(config, 0)
+    model, optimizer, _, scaler = training.build_training(config, 5, device, memory_format, amp_dtype)
     assert scaler.is_enabled() == (amp == "fp16")
     images, masks = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
     batches = iter([(images, masks), (images, masks), (images * float("nan"), masks)])
@@ -358,9 +383,9 @@ def test_train_step_never_reads_a_tensor_back(monkeypatch, amp):
 def test_train_step_on_cuda_does_not_sync():
     """The same on a GPU, with training.py's CUDA defaults (bf16, channels_last, fused AdamW) and pinned
     batches as the loader gives them: CUDA's sync debug mode turns any host sync into an error."""
-    config = {**training.DEFAULTS, "device": "cuda", "base_channels": 8, "depth": 2}
-    device, amp_dtype, memory_format = training.setup_device(config, 0, 1)
-    model, optimizer, _, scaler = training.build_model(config, 5, device, memory_format, amp_dtype, 1)
+    config = TrainConfig(device="cuda", base_channels=8, depth=2)
+    device, amp_dtype, memory_format = training.setup_device(config, 0)
+    model, optimizer, _, scaler = training.build_training(config, 5, device, memory_format, amp_dtype)
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
     batches = iter([(batch.pin_memory(), masks.pin_memory()) for batch in (images, images, images * float("nan"))])
     loss_fn = CEDiceLoss(5).to(device)
@@ -383,12 +408,12 @@ def test_nonfinite_step_leaves_weights_and_optimizer_untouched():
     """A skipped step is no step at all: weights, Adam moments and the step count stay bit for bit, and
     the next finite step equals the one a run without the bad batch would have taken (no dropout, whose
     draws the bad step would have used up)."""
-    config = {**training.DEFAULTS, "device": "cpu", "base_channels": 4, "depth": 2, "dropout": 0.0}
+    config = TrainConfig(device="cpu", base_channels=4, depth=2, dropout=0.0)
     images, masks = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
 
     def states_after_each_step(batches):
-        model, optimizer, _, scaler = training.build_model(config, 5, torch.device("cpu"), torch.contiguous_format,
-                                                           None, 1)
+        model, optimizer, _, scaler = training.build_training(config, 5, torch.device("cpu"), torch.contiguous_format,
+                                                              None)
         states = []
         for batch in batches:
             training.train_step(model, iter([batch]), 1, CEDiceLoss(5), optimizer, scaler, contextlib.nullcontext,
@@ -403,8 +428,8 @@ def test_nonfinite_step_leaves_weights_and_optimizer_untouched():
     torch.testing.assert_close(with_nan[2], clean[1], rtol=0, atol=0)
 
 
-def test_evaluate_matches_a_hand_count_and_records_no_graph():
-    """evaluate: loss averaged per image over all batches, the confusion matrix of argmax predictions,
+def test_validate_matches_a_hand_count_and_records_no_graph():
+    """validate: loss averaged per image over all batches, the confusion matrix of argmax predictions,
     under inference_mode (no autograd graph: evaluation memory stays that of a forward pass)."""
     images = torch.zeros(3, 1, 2, 2)
     images[:, 0, 0, 0] = 5.0  # class 1 where the pixel is 5, else class 0
@@ -420,7 +445,7 @@ def test_evaluate_matches_a_hand_count_and_records_no_graph():
         return torch.full((), float(len(target)))  # 2 for a batch of 2, 1 for the last batch of 1
 
     loader = torch.utils.data.DataLoader(list(zip(images, masks)), batch_size=2)
-    val_loss, results, confusion = training.evaluate(model, loader, loss_fn, 2, torch.device("cpu"),
+    val_loss, results, confusion = training.validate(model, loader, loss_fn, 2, torch.device("cpu"),
                                                      contextlib.nullcontext, torch.contiguous_format)
     assert seen_grad_modes == [(True, False), (True, False)]
     assert val_loss == pytest.approx((2 * 2 + 1 * 1) / 3)
@@ -442,7 +467,7 @@ class NaNLoss(CEDiceLoss):
         return loss
 
 
-def test_nonfinite_step_is_skipped_and_repeats_stop(city, tmp_path, monkeypatch):
+def test_nonfinite_step_is_skipped_and_repeats_stop(city, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "CEDiceLoss", NaNLoss)
     monkeypatch.setattr(NaNLoss, "calls", 0)
     monkeypatch.setattr(NaNLoss, "bad_calls", {2})
@@ -459,7 +484,8 @@ def test_nonfinite_step_is_skipped_and_repeats_stop(city, tmp_path, monkeypatch)
     monkeypatch.setattr(NaNLoss, "bad_calls", None)
     with pytest.raises(SystemExit) as exit_info:
         training.main(tiny_args(city, tmp_path / "stop", "--training_iterations", "20", "--max_nonfinite_steps", "3"))
-    assert "3 consecutive non-finite steps (at step 3)" in str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    assert "error: 3 consecutive non-finite steps (at step 3)" in capsys.readouterr().err
     assert not (tmp_path / "stop" / "checkpoint.pt").exists()
 
 
@@ -483,7 +509,8 @@ def test_nonfinite_steps_are_tallied_on_the_device_and_read_at_log_steps(city, t
     with pytest.raises(SystemExit) as exit_info:
         training.main(tiny_args(city, tmp_path / "stop", "--training_iterations", "20", "--log_interval", "4",
                                 "--max_nonfinite_steps", "3"))
-    assert "4 consecutive non-finite steps (at step 4)" in str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    assert "error: 4 consecutive non-finite steps (at step 4)" in capsys.readouterr().err
 
 
 def start_training(args, log_path):
@@ -568,7 +595,7 @@ def test_ddp_two_processes_train_like_one_with_the_same_global_batch(city, tmp_p
     ("auto", "cpu", "DEFAULT", False), ("on", "cpu", "AVX2", True), ("off", "cuda", "AVX512", False)])
 def test_channels_last_auto_follows_the_measured_layouts(monkeypatch, choice, device, capability, expected):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert training.resolve_channels_last(choice, torch.device(device)) is expected
+    assert use_channels_last(choice, torch.device(device), training=True) is expected
 
 
 def test_nonfinite_weights_are_never_saved():
@@ -576,7 +603,7 @@ def test_nonfinite_weights_are_never_saved():
     with torch.no_grad():
         broken.head.bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match="head.bias"):
-        training.inference_checkpoint(broken, {"image_size": "32x16"}, ["road"])
+        weights_dict(broken, ["road"], [(128, 64, 128)], (32, 16), (0.5,) * 3, (0.2,) * 3, "cityscapes")
 
 
 def test_resumes_a_checkpoint_of_the_unfused_optimizer(city, tmp_path):
@@ -598,13 +625,13 @@ def test_a_slow_input_pipeline_shows_in_data_wait_and_is_named_once(city, tmp_pa
     assert all(0 <= r["data_wait"] < 1 for r in records(tmp_path / "fast")[0])
     capsys.readouterr()
 
-    read = training.SeededSamples.__getitem__
+    read = batches.SeededSamples.__getitem__
 
     def slow_read(self, key):
         time.sleep(0.05)
         return read(self, key)
 
-    monkeypatch.setattr(training.SeededSamples, "__getitem__", slow_read)
+    monkeypatch.setattr(batches.SeededSamples, "__getitem__", slow_read)
     training.main(tiny_args(city, tmp_path / "slow", "--training_iterations", "4"))
     assert all(r["data_wait"] > 0.5 for r in records(tmp_path / "slow")[0])
     hints = [line for line in capsys.readouterr().out.splitlines() if "waiting for batches" in line]

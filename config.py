@@ -1,0 +1,269 @@
+"""Training configuration: one typed dataclass, the named presets, and how a command line resolves them.
+
+Resolution, later wins: TrainConfig's defaults (the seed's Cityscapes run) < the preset (`--preset NAME`,
+or the one the data calls for) < the checkpoint's config when resuming < every flag given explicitly.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataset import detect_layout, has_cityscapes
+from runtime import UserError, parse_size
+from synthetic_city import read_settings as synthetic_city_settings
+from unet import WEIGHTS_FILE
+
+DATASETS = ("auto", "cityscapes", "camvid", "folder", "synthetic")
+
+
+def option(default, help, group, **argparse_kwargs):
+    """A config field with its command-line help; argparse_kwargs go to add_argument (type, choices, ...)."""
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
+
+
+SWITCH = dict(action=argparse.BooleanOptionalAction)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Field defaults are the seed's run on Cityscapes: the classic U-Net at
+    512x256 for ~10 epochs of the 2975 train images (1860 steps of 8 x 2 images)."""
+
+    preset: str = option("cityscapes", "named settings to start from (see the list below); default: the one the "
+                         "data calls for", "data")
+    dataset: str = option("cityscapes", "layout of --data_root: cityscapes, camvid, folder (your own data), "
+                          "synthetic, or auto (recognised from its folders)", "data", choices=DATASETS)
+    data_root: str = option("Dataset/cityscapes", "dataset folder; given explicitly it must hold data (with "
+                            "--dataset synthetic, a city is generated there if absent)", "data")
+    classes: tuple | None = option(None, "class names to train, in index order; quote names with spaces, e.g. "
+                                   "--classes road sidewalk \"traffic light\" (default: the dataset's classes, for "
+                                   "Cityscapes its 19 evaluation classes)", "data", nargs="+")
+    image_size: str = option("512x256", "training size WIDTHxHEIGHT; evaluation scores at the labels' own size", "data")
+    train_id_files: bool = option(False, "Cityscapes: read the official _gtFine_labelTrainIds.png masks instead of "
+                                  "mapping the _labelIds.png ones; default classes only", "data", **SWITCH)
+    synthetic_train: int = option(300, "train images to generate for the synthetic city", "data", type=int)
+    synthetic_val: int = option(60, "val images to generate for the synthetic city", "data", type=int)
+    scale_range: tuple = option((0.5, 2.0), "augmentation: random scale range, then a random crop", "data",
+                                type=float, nargs=2)
+    hflip_prob: float = option(0.5, "augmentation: horizontal flip probability", "data", type=float)
+    color_jitter: float = option(0.2, "augmentation: brightness/contrast/saturation jitter", "data", type=float)
+
+    base_channels: int = option(64, "U-Net width of the first stage", "model and loss", type=int)
+    depth: int = option(4, "U-Net down-sampling stages", "model and loss", type=int)
+    dropout: float = option(0.1, "Dropout2d probability at the bottleneck", "model and loss", type=float)
+    bilinear: bool = option(False, "bilinear upsampling instead of transposed convs", "model and loss", **SWITCH)
+    sync_bn: bool = option(False, "DDP on GPUs: BatchNorm statistics over all ranks' micro-batches", "model and loss",
+                           **SWITCH)
+    ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
+    dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
+
+    batch_size: int = option(8, "images per micro-batch and process", "optimisation", type=int)
+    accum_steps: int = option(2, "micro-batches per optimizer step (gradient accumulation)", "optimisation", type=int)
+    training_iterations: int = option(1860, "optimizer steps", "optimisation", type=int)
+    base_lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", "optimisation", type=float)
+    min_lr: float = option(1e-5, "starting learning rate and floor of the decay", "optimisation", type=float)
+    warmup_steps: int = option(100, "optimizer steps of quadratic warmup", "optimisation", type=int)
+    decay_factor: float = option(3e-3, "inverse-sqrt decay speed: the lr halves 3/decay_factor steps after the peak",
+                                 "optimisation", type=float)
+    weight_decay: float = option(1e-2, "AdamW weight decay of conv weights", "optimisation", type=float)
+    grad_clip: float = option(1.0, "clip gradients to this global norm, 0 = off", "optimisation", type=float)
+    max_nonfinite_steps: int = option(10, "stop after this many consecutive steps with non-finite gradients, as a "
+                                      "NaN or inf loss gives (each is skipped; checked at every log step)",
+                                      "optimisation", type=int)
+
+    eval_interval: int = option(200, "evaluate every this many optimizer steps (and at the end)", "evaluation, logging "
+                                "and checkpoints", type=int)
+    eval_iterations: int = option(0, "val batches (per process) of a periodic evaluation, 0 = the whole val split; "
+                                  "the final evaluation always uses the whole split", "evaluation, logging and "
+                                  "checkpoints", type=int)
+    save_model_interval: int = option(200, "write the training checkpoint every this many steps", "evaluation, "
+                                      "logging and checkpoints", type=int)
+    log_interval: int = option(10, "log train loss, lr, grad norm and img/s every this many steps", "evaluation, "
+                               "logging and checkpoints", type=int)
+    out_dir: str | None = option(None, "run folder (default: runs/<date>-<time>; when resuming: the checkpoint's "
+                                 "folder)", "evaluation, logging and checkpoints")
+    model_path: str = option(WEIGHTS_FILE, "where the best weights go, in the format inference.py reads",
+                             "evaluation, logging and checkpoints")
+    resume: str | None = option(None, "continue from a training checkpoint: a path, or auto = <out_dir>/checkpoint.pt "
+                                "when --out_dir is given, else the newest runs/*/checkpoint.pt (a new run when there "
+                                "is none). Its config is reused and flags given now override it, e.g. a higher "
+                                "--training_iterations continues a finished run (default: a new run)",
+                                "evaluation, logging and checkpoints")
+
+    num_workers: int = option(min(8, os.cpu_count() or 1), "DataLoader worker processes, min(8, cores) by default",
+                              "system and speed", type=int)
+    data_cache: str = option("off", "device: keep the whole train split on the device as uint8 tensors and augment "
+                             "batches there (same distributions as the loader, not the same pixels); for prepared "
+                             "data that fits in device memory", "system and speed", choices=["off", "device"])
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...", "system and speed")
+    amp: str = option("auto", "autocast dtype; auto = bf16 on GPUs and CPUs with native bf16, fp16 with a "
+                      "GradScaler on older GPUs, off on other CPUs", "system and speed",
+                      choices=["auto", "bf16", "fp16", "off"])
+    channels_last: str = option("auto", "NHWC memory format; auto = on for CUDA and AVX-512 CPUs, off on other CPUs",
+                                "system and speed", choices=["auto", "on", "off"])
+    compile: bool = option(False, "torch.compile model and loss for the training step (the first steps then take "
+                           "minutes); evaluation runs them eagerly", "system and speed", **SWITCH)
+    cudnn_benchmark: bool = option(True, "CUDA: let cuDNN pick the fastest conv algorithms", "system and speed",
+                                   **SWITCH)
+    tf32: bool = option(True, "CUDA: TF32 tensor cores for float32 matmuls and convs", "system and speed", **SWITCH)
+    deterministic: bool = option(False, "deterministic algorithms only (slower on GPU)", "system and speed", **SWITCH)
+    seed: int = option(0, "seed of weights, data order, augmentation and dropout", "system and speed", type=int)
+    world_size: int = 1  # processes (torchrun sets it); not a flag
+
+    def __post_init__(self):
+        self.scale_range = tuple(self.scale_range)
+        self.classes = None if self.classes is None else tuple(self.classes)
+        self.validate()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """image_size as (width, height)."""
+        return parse_size(self.image_size)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * self.accum_steps * self.world_size
+
+    def validate(self):
+        """Raise a UserError naming the first flag whose value cannot work."""
+        self.size
+        low, high = self.scale_range
+        rules = [  # (flag, valid, what it must be), stated positively so that NaN, false in any comparison, fails
+            *((key, getattr(self, key) >= 1, ">= 1") for key in (
+                "batch_size", "accum_steps", "training_iterations", "eval_interval", "save_model_interval",
+                "log_interval", "base_channels", "depth", "max_nonfinite_steps")),
+            # a negative --grad_clip would flip the gradients' sign
+            *((key, getattr(self, key) >= 0, ">= 0") for key in (
+                "grad_clip", "eval_iterations", "weight_decay", "color_jitter", "num_workers", "warmup_steps",
+                "decay_factor")),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("hflip_prob", 0 <= self.hflip_prob <= 1, "in [0, 1]"),
+            ("base_lr", self.base_lr > 0, "> 0"),
+            ("min_lr", 0 <= self.min_lr <= self.base_lr, f"in [0, --base_lr {self.base_lr}]"),
+            ("scale_range", 0 < low <= high, "LOW HIGH with 0 < LOW <= HIGH"),
+        ]
+        for key, valid, expected in rules:
+            if not valid:
+                value = list(getattr(self, key)) if key == "scale_range" else getattr(self, key)
+                raise UserError(f"--{key} must be {expected}, got {value}")
+
+    def to_dict(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    settings: dict
+
+
+SYNTHETIC_ROOT = "Dataset/synthetic"
+PRESETS = {
+    "cityscapes": Preset("the seed's run on Cityscapes: the classic U-Net at 512x256, ~10 epochs of the train split",
+                         dict(dataset="cityscapes", data_root="Dataset/cityscapes")),
+    # A small model on the synthetic city that reaches >= 0.70 val mIoU within 10 minutes on a 2-core CPU, data
+    # generation included. Small images and a depth-3 U-Net keep it in budget; a milder scale range suits
+    # 128x64 scenes, whose poles and signs are only a few pixels wide.
+    "synthetic": Preset("the demo on the generated synthetic city: a small U-Net at 128x64, minutes on a CPU",
+                        dict(dataset="synthetic", data_root=SYNTHETIC_ROOT, image_size="128x64", base_channels=16,
+                             depth=3, scale_range=(0.75, 1.5), batch_size=8, accum_steps=1, training_iterations=1200,
+                             base_lr=3e-3, warmup_steps=50, decay_factor=2e-3, eval_interval=300,
+                             save_model_interval=300, num_workers=1)),
+}
+
+
+def data_kind(root) -> str:
+    """The dataset at root: cityscapes, camvid, folder, or synthetic (a Cityscapes layout the generator made)."""
+    kind = detect_layout(root)
+    if kind is None:
+        raise UserError(f"{root}: no dataset here (Cityscapes: leftImg8bit/ and gtFine/ with train and val; CamVid: "
+                        f"train/ and trainannot/; your own: classes.txt, images/ and masks/; see Dataset/readme.md)")
+    return "synthetic" if kind == "cityscapes" and synthetic_city_settings(root) is not None else kind
+
+
+def preset_for_data(given) -> tuple[str, str]:
+    """(preset, why) when no --preset is given: the data decides."""
+    kind, root = given.get("dataset", "auto"), given.get("data_root")
+    if kind != "auto":
+        return kind, f"--dataset {kind}"
+    if root is not None:
+        kind = data_kind(root)
+        return kind, f"{'a synthetic city' if kind == 'synthetic' else f'{kind} data'} at {root}"
+    cityscapes_root = PRESETS["cityscapes"].settings["data_root"]
+    if has_cityscapes(cityscapes_root):
+        return "cityscapes", f"Cityscapes found at {cityscapes_root}"
+    return "synthetic", f"no Cityscapes at {cityscapes_root}; see Dataset/readme.md for the real data"
+
+
+def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainConfig, str]:
+    """(config, what chose its preset) from the flags given explicitly and, when resuming, the checkpoint's
+    config (its preset and settings carry over). The dataset's layout is --dataset's, else the one found at
+    an explicit --data_root, else the preset's."""
+    if checkpoint_config is not None:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        settings = {key: value for key, value in checkpoint_config.items() if key in known}
+        # checkpoints written before presets existed ran one of these two
+        settings.setdefault("preset", "synthetic" if settings.get("dataset") == "synthetic" else "cityscapes")
+        return TrainConfig(**{**settings, **given, "world_size": world_size}), "the checkpoint"
+    name, why = (given["preset"], "--preset") if given.get("preset") else preset_for_data(given)
+    if name not in PRESETS:
+        raise UserError(f"--preset {name}: no such preset; choose one of {', '.join(PRESETS)}")
+    settings = {**PRESETS[name].settings, "preset": name, **given, "world_size": world_size}
+    if given.get("dataset", "auto") == "auto":
+        settings["dataset"] = data_kind(given["data_root"]) if "data_root" in given else PRESETS[name].settings["dataset"]
+    if settings["dataset"] == "cityscapes" and not has_cityscapes(settings["data_root"]):
+        raise UserError(f"{settings['data_root']}: no Cityscapes here (needs leftImg8bit/ and gtFine/ with train and "
+                        f"val; see Dataset/readme.md)")
+    settings["out_dir"] = settings.get("out_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    return TrainConfig(**settings), why
+
+
+def presets_help() -> str:
+    """The --help epilog: every preset, what it is for and what it sets."""
+    lines = ["presets (--preset NAME; without it the data decides):"]
+    for name, preset in PRESETS.items():
+        settings = ", ".join(f"{key}={value}" for key, value in preset.settings.items())
+        lines.append(f"  {name}: {preset.description}\n      sets {settings}")
+    return "\n".join(lines)
+
+
+def build_parser(description) -> argparse.ArgumentParser:
+    """A flag per TrainConfig field, defaulting to None so that resolve() can tell given flags from defaults;
+    each help ends with the default and every preset's own value."""
+    parser = argparse.ArgumentParser(description=description, epilog=presets_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for config_field in dataclasses.fields(TrainConfig):
+        if not config_field.metadata:
+            continue
+        options = dict(config_field.metadata)
+        help_text, group = options.pop("help"), options.pop("group")
+        if config_field.name == "preset":
+            options["choices"] = list(PRESETS)
+        elif "(default:" not in help_text:
+            help_text += f" ({default_note(config_field)})"
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(f"--{config_field.name}", default=None, help=help_text, **options)
+    return parser
+
+
+def default_note(config_field) -> str:
+    """'default: 64; synthetic: 16': the field's default and each preset that sets another value."""
+    def shown(value):
+        return " ".join(map(str, value)) if isinstance(value, tuple) else value
+
+    note = f"default: {shown(config_field.default)}"
+    for name, preset in PRESETS.items():
+        value = preset.settings.get(config_field.name, config_field.default)
+        if value != config_field.default:
+            note += f"; {name}: {shown(value)}"
+    return note

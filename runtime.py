@@ -1,0 +1,157 @@
+"""What training.py and inference.py both need from the machine: the device and its precision and memory
+layout, files written atomically with errors that name them, safe checkpoint loading, and one-line CLI errors.
+
+It sits at the bottom of the import graph (it imports only torch), so every other module may use it.
+"""
+import argparse
+import io
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+USAGE_ERROR_EXIT_CODE = 2
+
+
+class UserError(ValueError):
+    """Bad input (a flag, a path, a data file): the message names the file or flag and the problem, and
+    the command line prints it as one line. The single-argument form lets a DataLoader worker re-raise it."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the user should read it: `file: problem`. An OSError names its file first (its own text
+    puts it last); a DataLoader worker's re-raise carries the worker's traceback, whose last line is kept."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    message = str(error).strip()
+    if "Traceback (most recent call last)" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split())
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv); bad input (ValueError, OSError) becomes `error: ...` on stderr and exit
+    status 2. Returns main's own exit status otherwise."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return USAGE_ERROR_EXIT_CODE
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x256' -> (512, 256), i.e. (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if match is None or 0 in (int(match[1]), int(match[2])):
+        raise ValueError(f"invalid size {text!r}: expected WIDTHxHEIGHT with positive integers, e.g. 512x256")
+    return int(match[1]), int(match[2])
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """parse_size for argparse `type=`: its message reaches the user (argparse hides a ValueError's)."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`: a kill at any
+    instant leaves the previous file intact, and a symlink at `path` is replaced, never written through.
+    A failure (a full disk, a read-only folder) is an OSError that names `path`; no temporary file remains."""
+    path = Path(path)
+    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp_path, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, path)
+    except OSError as error:
+        raise OSError(error.errno, f"could not write it ({error.strerror or error})", str(path)) from None
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+def save_torch_file(obj, path):
+    """torch.save, atomically. The object is serialised in memory first, so a full disk surfaces as an
+    OSError naming `path` (torch's zip writer would report it as an unreadable internal RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda file: file.write(buffer.getbuffer()))
+
+
+def load_torch_file(path):
+    """torch.load with weights_only=True (nothing in the file can run code); every failure is a UserError
+    naming the file. The one place this project calls torch.load."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: train a model first with `python training.py`")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # A file that is not a checkpoint (notes, an image, a truncated download) fails in whatever part of
+    # torch.load meets it first: IndexError, KeyError, EOFError, RuntimeError, UnpicklingError, ...
+    except Exception as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # the weights_only unpickler's own reason ("Unsupported operand 0"), not its generic advice; else
+        # the error's first sentence, with its type when the message alone says nothing ("105")
+        reason = next((line for line in lines if "Unsupported" in line), lines[0].split(". ")[0] if lines else "")
+        if len(reason) < 12:
+            reason = f"{type(error).__name__}: {reason}".rstrip(": ")
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in reason:
+            raise UserError(f"refused to load checkpoint {path}: it holds objects other than tensors and plain "
+                            f"containers, and unpickling them could run code ({reason})") from None
+        problem = "is empty" if path.stat().st_size == 0 else f"is not a PyTorch checkpoint (torch.load: {reason})"
+        raise UserError(f"checkpoint {path} {problem}") from None
+
+
+# ----------------------------------------------------------------------------- device
+
+def resolve_device(name="auto", local_rank=0) -> torch.device:
+    """auto -> this rank's GPU when CUDA is available, else the CPU; selects the GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device available")
+        torch.cuda.set_device(device)
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX), as oneDNN uses them;
+    elsewhere bf16 is emulated and slower than float32."""
+    return bool(torch.backends.mkldnn.is_available()
+                and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+
+
+def autocast_dtype(amp: str, device: torch.device):
+    """--amp -> the autocast dtype, or None for float32. auto: bf16 on GPUs and CPUs with native bf16, fp16
+    (with a GradScaler) on GPUs without it, float32 on other CPUs."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def use_channels_last(choice: str, device: torch.device, training: bool) -> bool:
+    """--channels_last -> NHWC or not. auto: on for GPUs (tensor-core convs want it) and for inference on
+    any CPU; for training on a CPU only where it has AVX-512 (bench/README.md has the measurements)."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type != "cpu" or not training:
+        return True
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
