@@ -208,7 +208,7 @@ def train_batches(train_set, config, rank, world_size, device, start_step):
     from DataLoader workers or, with config.data_cache == "device", from a DeviceCache."""
     rank_block = config.batch_size * config.accum_steps
     sampler = GlobalBatchSampler(len(train_set), config.seed, rank, world_size, rank_block,
-                                 start=start_step * rank_block * world_size)
+                                 start=start_step * config.global_batch)
     if config.data_cache == "off":
         return DataLoader(SeededSamples(train_set), sampler=sampler, batch_size=config.batch_size,
                           **loader_options(config.num_workers, device, config.seed))

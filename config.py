@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoint import find_resume_checkpoint, read_checkpoint
 from dataset import detect_layout, has_cityscapes
 from runtime import UserError, parse_size
 from synthetic_city import read_settings as synthetic_city_settings
@@ -224,6 +225,37 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
                         f"val; see Dataset/readme.md)")
     settings["out_dir"] = settings.get("out_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return TrainConfig(**settings), why
+
+
+# what a resumed run cannot change, and why
+RESUME_FIXED = {
+    "base_channels": "its weights have that shape", "depth": "its weights have that shape",
+    "bilinear": "its weights have that shape", "dataset": "its model predicts that data's classes",
+    "classes": "its model predicts those classes",
+    "data_cache": "the two pipelines draw different augmentations, so the resume would not be exact",
+}
+
+
+def from_command_line(given, world_size):
+    """(config, checkpoint or None) from the flags given explicitly: a new run's (the chosen preset and why
+    printed first), or, with --resume, the checkpoint's config with the flags on top."""
+    resume_path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"))
+    if not resume_path:
+        config, why = resolve(given, world_size=world_size)
+        print(f"preset {config.preset} ({why}); flags given: {' '.join(f'--{key}' for key in given) or 'none'}")
+        return config, None
+    checkpoint = read_checkpoint(resume_path)
+    made_with = {**TrainConfig().to_dict(), **checkpoint["config"]}
+    for key, reason in RESUME_FIXED.items():
+        wanted = list(given[key]) if isinstance(given.get(key), (list, tuple)) else given.get(key)
+        if key in given and wanted != made_with[key]:
+            def shown(value):
+                return " ".join(map(str, value)) if isinstance(value, list) else value
+            raise UserError(f"--{key} {shown(wanted)}: {resume_path} was trained with --{key} {shown(made_with[key])}; "
+                            f"{reason}")
+    given = {**given, "out_dir": given.get("out_dir", str(Path(resume_path).parent)), "resume": resume_path}
+    config, _ = resolve(given, checkpoint["config"], world_size)
+    return config, checkpoint
 
 
 def presets_help() -> str:

@@ -30,17 +30,17 @@ from tqdm import tqdm
 
 import synthetic_city
 from batches import TimedBatches, loader_options, train_batches
-from config import TrainConfig, build_parser, resolve
+from checkpoint import CHECKPOINT_FILE, Progress, restore, save_checkpoint
+from config import TrainConfig, build_parser, from_command_line
 from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, open_layout
 from losses import CEDiceLoss
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import ConfusionMatrix, MetricsLog, format_table, scores
-from runtime import (USAGE_ERROR_EXIT_CODE, UserError, autocast_dtype, load_torch_file, one_line, resolve_device,
+from runtime import (USAGE_ERROR_EXIT_CODE, UserError, atomic_write, autocast_dtype, one_line, resolve_device,
                      save_torch_file, use_channels_last)
 from unet import UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
-CHECKPOINT_FILE = "checkpoint.pt"
 BEST_WEIGHTS_FILE = "best_model.pth"
 SNAPSHOT_IMAGES = 4
 INTERRUPTED_EXIT_CODE = 130
@@ -326,50 +326,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in the checkpoint."""
-
-    step: int = 0
-    samples_seen: int = 0
-    epoch: int = 0
-    best_miou: float = -1.0
-    best_step: int | None = None
-    nonfinite_steps: int = 0
-
-
-def rng_state():
-    numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+# ----------------------------------------------------------------------------- the run
 
 def seed_everything(seed, rank):
     """The global RNGs (dropout) differ per rank; data order and augmentation have seeds of their own."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
-
-
-def read_checkpoint(path) -> dict:
-    """A training checkpoint (the one reader of the format save_checkpoint writes)."""
-    checkpoint = load_torch_file(path)
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
-        raise UserError(f"{path}: not a training checkpoint (--resume needs a run folder's {CHECKPOINT_FILE}, not "
-                        f"the inference weights)")
-    return checkpoint
 
 
 @dataclass
@@ -401,36 +364,13 @@ class Run:
         return weights_dict(self.model, table.names, table.colors, self.config.size, MEAN, STD, self.config.dataset)
 
 
-def save_checkpoint(run):
-    """Full training state; called on every rank (it gathers each rank's RNG state), written by rank 0."""
+def save_progress(run):
+    """The training checkpoint of where the run stands (every rank calls it; rank 0 writes)."""
     run.progress.samples_seen = run.progress.step * run.config.global_batch
     run.progress.epoch = run.progress.samples_seen // run.data.train_images
-    states = [rng_state()]
-    if run.config.world_size > 1:
-        states = [None] * run.config.world_size
-        dist.all_gather_object(states, rng_state())
-    if run.rank == 0:
-        save_torch_file({**run.weights(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                         "scaler": run.scaler.state_dict(), "config": run.config.to_dict(), "rng": states,
-                         **vars(run.progress)}, run.run_dir / CHECKPOINT_FILE)
+    save_checkpoint(run.run_dir / CHECKPOINT_FILE, run.weights(), run.optimizer, run.scheduler, run.scaler, run.config,
+                    run.progress, run.rank, run.config.world_size)
 
-
-def restore(run, checkpoint):
-    """Continue from a checkpoint: model, optimizer, schedule, GradScaler, progress and this rank's RNGs."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in run.optimizer.param_groups:  # CPU checkpoints of versions before the sync-free loop say fused=None
-        group.update(fused=True, foreach=None)
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
-    run.progress = Progress(**{key: checkpoint[key] for key in vars(Progress()) if key in checkpoint})
-    if len(checkpoint["rng"]) == run.config.world_size:
-        set_rng_state(checkpoint["rng"][run.rank])
-    elif run.rank == 0:
-        print(f"resuming {len(checkpoint['rng'])} ranks' state on {run.config.world_size}: dropout draws will differ")
-
-
-# ----------------------------------------------------------------------------- the run
 
 def start_run(config, checkpoint, rank, local_rank) -> Run:
     """Device, data, model and optimizer, restored from the checkpoint when resuming."""
@@ -442,7 +382,7 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
     run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn)
     seed_everything(config.seed, rank)
     if checkpoint:
-        restore(run, checkpoint)
+        run.progress = restore(checkpoint, model, optimizer, scheduler, scaler, rank, config.world_size)
     return run
 
 
@@ -480,10 +420,10 @@ def evaluate(run, max_batches=0, final=False):
 def finish(run):
     """Final evaluation on the whole val split, the last checkpoint, the best weights, plots and the table."""
     results, confusion = evaluate(run, final=True)
-    save_checkpoint(run)
+    save_progress(run)
     if run.rank == 0:
-        best = load_torch_file(run.run_dir / BEST_WEIGHTS_FILE)
-        save_torch_file(best, run.config.model_path)
+        best = (run.run_dir / BEST_WEIGHTS_FILE).read_bytes()
+        atomic_write(run.config.model_path, lambda file: file.write(best))
         records = MetricsLog(run.run_dir / "metrics.jsonl").read()
         names = run.data.class_table.names
         plot_training_curves(records, run.run_dir / "training_curves.png")
@@ -531,11 +471,11 @@ def train(config, checkpoint, rank=0, local_rank=0):
             if step % config.eval_interval == 0 and step < total:
                 evaluate(run, config.eval_iterations)
             if step % config.save_model_interval == 0 and step < total:
-                save_checkpoint(run)
+                save_progress(run)
             # a checkpoint at the last step would read as a finished run, so the last step just finishes. Under
             # DDP, agreeing to stop is a collective that waits for the GPU, so ranks agree at log steps only.
             if step < total and (config.world_size == 1 or log_now) and stop.agreed(run.device):
-                save_checkpoint(run)
+                save_progress(run)
                 raise TrainingStopped(f"interrupted at step {step}; checkpoint saved to {run.run_dir / CHECKPOINT_FILE};"
                                       f" continue with --resume {run.run_dir / CHECKPOINT_FILE}", INTERRUPTED_EXIT_CODE)
     except torch.OutOfMemoryError:
@@ -550,61 +490,13 @@ def train(config, checkpoint, rank=0, local_rank=0):
 
 # ----------------------------------------------------------------------------- command line
 
-def find_resume_checkpoint(resume, out_dir):
-    """The checkpoint --resume names, or None for a new run (see --help)."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        if not os.path.isfile(resume):
-            raise UserError(f"{resume}: checkpoint not found (--resume)")
-        return resume
-    candidates = [Path(out_dir) / CHECKPOINT_FILE] if out_dir else sorted(Path("runs").glob(f"*/{CHECKPOINT_FILE}"),
-                                                                          key=os.path.getmtime)
-    found = [str(path) for path in candidates if path.is_file()]
-    if not found:
-        print("--resume auto: no checkpoint found, starting a new run")
-    return found[-1] if found else None
-
-
-# what a resumed run cannot change, and why
-RESUME_FIXED = {
-    "base_channels": "its weights have that shape", "depth": "its weights have that shape",
-    "bilinear": "its weights have that shape", "dataset": "its model predicts that data's classes",
-    "classes": "its model predicts those classes",
-    "data_cache": "the two pipelines draw different augmentations, so the resume would not be exact",
-}
-
-
-def resolve_config(given, world_size):
-    """(config, checkpoint or None): the preset's settings, or the checkpoint's when resuming, then the flags."""
-    resume_path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"))
-    if not resume_path:
-        config, why = resolve(given, world_size=world_size)
-        print(f"preset {config.preset} ({why}); flags given: {' '.join(f'--{key}' for key in given) or 'none'}")
-        return config, None
-    checkpoint = read_checkpoint(resume_path)
-    made_with = {**TrainConfig(preset="cityscapes").to_dict(), **checkpoint["config"]}
-    for key, reason in RESUME_FIXED.items():
-        wanted = list(given[key]) if isinstance(given.get(key), (list, tuple)) else given.get(key)
-        if key in given and wanted != made_with[key]:
-            shown = " ".join(map(str, made_with[key])) if isinstance(made_with[key], list) else made_with[key]
-            raise UserError(f"--{key} {' '.join(map(str, given[key])) if isinstance(wanted, list) else wanted}: "
-                            f"{resume_path} was trained with --{key} {shown}; {reason}")
-    if checkpoint.get("torch_version", torch.__version__) != torch.__version__:
-        print(f"{resume_path} was written by torch {checkpoint['torch_version']}, this is torch {torch.__version__}: "
-              f"resuming, but the continuation may differ in the last bits from one on the original version")
-    given = {**given, "out_dir": given.get("out_dir", str(Path(resume_path).parent)), "resume": resume_path}
-    config, _ = resolve(given, checkpoint["config"], world_size)
-    return config, checkpoint
-
-
 def main(argv=None):
     args = build_parser(__doc__).parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints; errors still reach stderr
     try:
-        config, checkpoint = resolve_config({k: v for k, v in vars(args).items() if v is not None}, world_size)
+        config, checkpoint = from_command_line({k: v for k, v in vars(args).items() if v is not None}, world_size)
         if checkpoint and checkpoint["step"] >= config.training_iterations:
             print(f"{config.resume}: already complete ({checkpoint['step']} steps); raise --training_iterations to "
                   f"train further")

@@ -11,7 +11,7 @@ LAYERS = [
     {"runtime"},
     {"unet"},
     {"dataset", "losses", "lr_schedule", "metrics", "synthetic_city"},
-    {"batches", "visualize"},
+    {"batches", "checkpoint", "visualize"},
     {"config"},
     {"training", "inference"},
 ]
