@@ -78,3 +78,93 @@ def make_cityscapes(tmp_path):
 def label_id_colors():
     """(34, 3) uint8: the image colour make_cityscapes paints for each label id."""
     return LABEL_ID_COLORS.copy()
+
+
+FOLDER_CLASSES = [("road", (128, 64, 128)), ("traffic cone", (255, 128, 0)), ("sky", (70, 130, 180)), ("car", (0, 0, 142))]
+VOID_COLOR = (0, 0, 0)
+
+
+def blocky_labels(rng, height, width, num_classes, block=4, void_fraction=0.1):
+    """Blocks of random class indices 0..num_classes-1, a share of them void (255), and a void bottom row."""
+    blocks = rng.integers(0, num_classes, size=(-(-height // block), -(-width // block)))
+    blocks[rng.random(blocks.shape) < void_fraction] = 255
+    labels = np.kron(blocks, np.ones((block, block), dtype=np.int64))[:height, :width].astype(np.uint8)
+    labels[-1] = 255
+    return labels
+
+
+@pytest.fixture
+def make_folder_dataset(tmp_path):
+    """Factory writing a tiny dataset in the folder layout (classes.txt, images/SPLIT/NAME.EXT, masks/SPLIT/NAME.png)
+    and returning its root. Photos alternate png and jpg; masks are L (index), P (index) or RGB (colour) per
+    `mask_modes`, cycled; the photo colour of a pixel is its class colour (void: grey). The last class never
+    appears in val, the void colour is `void 0 0 0`."""
+
+    def make(name="own", size=(32, 16), counts=None, mask_modes=("L", "P", "RGB"), seed=0):
+        counts = {"train": 4, "val": 3} if counts is None else counts
+        root = tmp_path / name
+        root.mkdir()
+        lines = ["# my classes: NAME [R G B]", ""] + [f"{n} {' '.join(map(str, c))}" for n, c in FOLDER_CLASSES]
+        (root / "classes.txt").write_text("\n".join(lines + ["void 0 0 0  # unlabelled", ""]))
+        colors = np.array([c for _, c in FOLDER_CLASSES], dtype=np.uint8)
+        rng = np.random.default_rng(seed)
+        width, height = size
+        number = 0
+        for split, count in counts.items():
+            (root / "images" / split).mkdir(parents=True)
+            (root / "masks" / split).mkdir(parents=True)
+            for index in range(count):
+                classes = len(FOLDER_CLASSES) - (1 if split == "val" else 0)
+                labels = blocky_labels(rng, height, width, classes)
+                photo = np.where(labels[..., None] == 255, 128, colors[labels.clip(max=len(colors) - 1)])
+                suffix = ".png" if index % 2 == 0 else ".jpg"
+                Image.fromarray(photo.astype(np.uint8)).save(root / "images" / split / f"frame {index}{suffix}",
+                                                             **({"quality": 95} if suffix == ".jpg" else {}))
+                mode = mask_modes[number % len(mask_modes)]
+                number += 1
+                mask_path = root / "masks" / split / f"frame {index}.png"
+                if mode == "L":
+                    Image.fromarray(labels).save(mask_path)
+                elif mode == "P":
+                    palette = Image.fromarray(labels).convert("P")
+                    palette.putpalette([v for c in colors.tolist() for v in c] + [0, 0, 0] * (256 - len(colors)))
+                    palette.save(mask_path)
+                else:
+                    rgb = np.zeros((height, width, 3), np.uint8)  # void: the void colour 0 0 0
+                    known = labels != 255
+                    rgb[known] = colors[labels[known]]
+                    Image.fromarray(rgb).save(mask_path)
+        return root
+
+    return make
+
+
+CAMVID_COLORS = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                 (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+
+
+@pytest.fixture
+def make_camvid(tmp_path):
+    """Factory writing a tiny CamVid folder as the SegNet tutorial lays it out: train/ trainannot/ val/ valannot/
+    (and test/ testannot/ when asked), 8-bit masks of values 0..10 and 11 (void); the photo colour of a pixel
+    is its class's CamVid colour."""
+
+    def make(name="CamVid", size=(48, 36), counts=None, seed=0):
+        counts = {"train": 4, "val": 2} if counts is None else counts
+        root = tmp_path / name
+        rng = np.random.default_rng(seed)
+        width, height = size
+        colors = np.array(CAMVID_COLORS + [(0, 0, 0)], dtype=np.uint8)
+        for split, count in counts.items():
+            (root / split).mkdir(parents=True)
+            (root / f"{split}annot").mkdir()
+            for index in range(count):
+                labels = blocky_labels(rng, height, width, 11)
+                labels[labels == 255] = 11
+                stem = f"0001TP_{6690 + 30 * index:06d}"
+                Image.fromarray(colors[labels]).save(root / split / f"{stem}.png")
+                Image.fromarray(labels).save(root / f"{split}annot" / f"{stem}.png")
+        (root / "train.txt").write_text("/SegNet/CamVid/train/x.png /SegNet/CamVid/trainannot/x.png\n")
+        return root
+
+    return make
