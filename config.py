@@ -111,6 +111,8 @@ class TrainConfig:
                                    **SWITCH)
     tf32: bool = option(True, "CUDA: TF32 tensor cores for float32 matmuls and convs", "system and speed", **SWITCH)
     deterministic: bool = option(False, "deterministic algorithms only (slower on GPU)", "system and speed", **SWITCH)
+    dist_timeout: int = option(600, "DDP: seconds a rank waits for the others (the start-up rendezvous, any collective) "
+                               "before failing, so that torchrun can restart the round", "system and speed", type=int)
     seed: int = option(0, "seed of weights, data order, augmentation and dropout", "system and speed", type=int)
     world_size: int = 1  # processes (torchrun sets it); not a flag
 
@@ -136,7 +138,7 @@ class TrainConfig:
         rules = [  # (flag, valid, what it must be), stated positively so that NaN, false in any comparison, fails
             *((key, getattr(self, key) >= 1, ">= 1") for key in (
                 "batch_size", "accum_steps", "training_iterations", "eval_interval", "save_model_interval",
-                "log_interval", "base_channels", "depth", "max_nonfinite_steps")),
+                "log_interval", "base_channels", "depth", "max_nonfinite_steps", "dist_timeout")),
             # a negative --grad_clip would flip the gradients' sign
             *((key, getattr(self, key) >= 0, ">= 0") for key in (
                 "grad_clip", "eval_iterations", "weight_decay", "color_jitter", "num_workers", "warmup_steps",
@@ -257,9 +259,9 @@ def from_command_line(given, world_size):
         wanted = list(given[key]) if isinstance(given.get(key), (list, tuple)) else given.get(key)
         if key in given and wanted != made_with[key]:
             def shown(value):
-                return " ".join(map(str, value)) if isinstance(value, list) else value
-            raise UserError(f"--{key} {shown(wanted)}: {resume_path} was trained with --{key} {shown(made_with[key])}; "
-                            f"{reason}")
+                return f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+            trained = "the dataset's default classes" if made_with[key] is None else shown(made_with[key])
+            raise UserError(f"{shown(wanted)}: {resume_path} was trained with {trained}; {reason}")
     given = {**given, "out_dir": given.get("out_dir", str(Path(resume_path).parent)), "resume": resume_path}
     config, _ = resolve(given, checkpoint["config"], world_size)
     return config, checkpoint

@@ -4,6 +4,7 @@ Python.
     python inference.py                     # InferenceOutput/TestImages -> InferenceOutput/TestPredictions
     python inference.py --input "photos/*.jpg" --output out --label_ids
     python inference.py --evaluate --data_root ../shared/camvid --split val
+    python inference.py --export unet_model.onnx           # needs pip install -r requirements-export.txt
 
     from inference import Segmenter
     segmenter = Segmenter("unet_model.pth")
@@ -15,11 +16,13 @@ or Cityscapes label ids with --label_ids), NAME_color.png and NAME_overlay.jpg; 
 --evaluate scores exactly these masks, at the labels' own resolution.
 """
 import argparse
+import copy
 import dataclasses
 import glob
 import json
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -358,6 +361,45 @@ def evaluate_split(args, segmenter):
     return 0
 
 
+# ----------------------------------------------------------------------------- ONNX export
+
+EXPORT_REQUIREMENTS = "requirements-export.txt"
+
+
+def export_onnx(segmenter, path):
+    """Write the model as inference runs it (BatchNorm folded, float32) to an ONNX file: input `image`, a
+    normalised float32 (N, 3, H, W) batch of any N, H and W; output `logits`, (N, C, H, W); the class names and
+    colours, training size and normalisation in the model's metadata."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 (torch.onnx's exporter needs it)
+    except ImportError:
+        raise UserError(f"--export needs the onnx and onnxscript packages: pip install -r {EXPORT_REQUIREMENTS}") \
+            from None
+    model = copy.deepcopy(segmenter.model).float().to("cpu", memory_format=torch.contiguous_format)
+    width, height = segmenter.image_size
+    example = torch.zeros(2, 3, height, width)
+    dynamic = torch.export.Dim.DYNAMIC
+    with tempfile.TemporaryDirectory() as folder:
+        torch.onnx.export(model, (example,), f"{folder}/model.onnx", dynamo=True, input_names=["image"],
+                          output_names=["logits"], dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}})
+        exported = onnx.load(f"{folder}/model.onnx")
+    for value in (*exported.graph.input, *exported.graph.output):
+        for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+    table = segmenter.class_table
+    onnx.helper.set_model_props(exported, {
+        "class_names": json.dumps(table.names), "class_colors": json.dumps(table.colors.tolist()),
+        "image_size": json.dumps(list(segmenter.image_size)), "mean": json.dumps(list(segmenter.mean)),
+        "std": json.dumps(list(segmenter.std)), "dataset": json.dumps(segmenter.dataset),
+        "preprocessing": "RGB resized to image_size (width, height), scaled to [0, 1], minus mean, divided by std, "
+                         "NCHW float32; masks: argmax over the logits upsampled to the photo's size"})
+    atomic_write(path, lambda file: file.write(exported.SerializeToString()))
+    print(f"{path}: ONNX model of {table.num_classes} classes, trained at {width}x{height}; input image "
+          f"(batch, 3, height, width) normalised, output logits (batch, {table.num_classes}, height, width)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
@@ -389,6 +431,9 @@ def build_parser():
                              "of class indices (default: class indices)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="opacity of the palette in the overlay (default: %(default)s)")
+    parser.add_argument("--export", metavar="MODEL.onnx",
+                        help=f"write the checkpoint as an ONNX model instead of segmenting; needs pip install -r "
+                             f"{EXPORT_REQUIREMENTS} (default: no export)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--evaluate", action="store_true",
                             help="score the checkpoint on --data_root/--split (default: segment --input)")
@@ -421,6 +466,8 @@ def parse_args(argv=None):
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.evaluate and not args.data_root:
         parser.error("--evaluate needs --data_root")
+    if args.evaluate and args.export:
+        parser.error("--export and --evaluate are separate runs")
     args.output = args.output or (DEFAULT_EVAL_OUTPUT if args.evaluate else DEFAULT_OUTPUT)
     return args
 
@@ -440,6 +487,8 @@ def main(argv=None):
 
     def run(_):
         segmenter = load_segmenter(args)
+        if args.export:
+            return export_onnx(segmenter, args.export)
         return evaluate_split(args, segmenter) if args.evaluate else predict(args, segmenter)
 
     return run_cli(run)

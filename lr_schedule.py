@@ -17,7 +17,7 @@ import sys
 import torch
 from matplotlib.figure import Figure
 
-from runtime import run_cli
+from runtime import atomic_write, run_cli
 
 
 def check_schedule_args(base_lr, warmup_steps, decay_factor, min_lr):
@@ -80,7 +80,7 @@ def plot_schedule(path, base_lr, min_lr, warmup_steps, decay_factor, total_steps
     ax.set_ylabel("learning rate")
     ax.set_title(f"quadratic warmup + inverse-sqrt decay\nbase_lr={base_lr:g}, decay_factor={decay_factor:g}")
     ax.legend()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
 
 
 def build_parser():

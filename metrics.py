@@ -132,9 +132,10 @@ class MetricsLog:
         self.path = Path(path)
 
     def read(self) -> list:
+        """Every complete record; a last line that a kill cut short (no newline yet) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.path.read_text().split("\n")[:-1] if line.strip()]
 
     def append(self, record):
         try:

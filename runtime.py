@@ -4,6 +4,7 @@ layout, files written atomically with errors that name them, safe checkpoint loa
 It sits at the bottom of the import graph (it imports only torch), so every other module may use it.
 """
 import argparse
+import contextlib
 import io
 import os
 import pickle
@@ -76,7 +77,8 @@ def atomic_write(path, write):
     except OSError as error:
         raise OSError(error.errno, f"could not write it ({error.strerror or error})", str(path)) from None
     finally:
-        temp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove when the folder itself was the problem
+            temp_path.unlink()
 
 
 def save_torch_file(obj, path):

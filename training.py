@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,23 @@ def setup_device(config, local_rank):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if config.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_distributed("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=config.dist_timeout))
     if config.sync_bn and config.world_size > 1 and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
     memory_format = torch.channels_last if use_channels_last(config.channels_last, device, training=True) \
         else torch.contiguous_format
     return device, autocast_dtype(config.amp, device), memory_format
+
+
+def init_distributed(backend, timeout):
+    """The default process group, its keys in a namespace of this torchrun round. torchrun keeps one store for all
+    its restarts, so a restarted round could otherwise read the killed round's addresses and fail to connect, or
+    wait on them forever; `timeout` bounds every wait, so a round that cannot form fails and torchrun retries."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    round_name = f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}_world_{world_size}"
+    dist.init_process_group(backend, store=dist.PrefixStore(round_name, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
 
 
 def prepare_synthetic_city(root, num_train, num_val, size):
@@ -391,6 +403,8 @@ def open_run_folder(run):
     Path(run.config.model_path).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after training
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "snapshots").mkdir(exist_ok=True)
+    for stale in run.run_dir.glob(".*.tmp"):  # what a kill left of an atomic write; the previous file is intact
+        stale.unlink()
     run.config.save(run.run_dir / "config.json")
     MetricsLog(run.run_dir / "metrics.jsonl").keep_until(run.progress.step)
 

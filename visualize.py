@@ -10,6 +10,12 @@ from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
 from dataset import IGNORE_INDEX
+from runtime import atomic_write
+
+
+def save_figure(figure, path):
+    """PNG through runtime.atomic_write: never half a file, and a full disk names the file."""
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -66,7 +72,7 @@ def save_prediction_grid(path, images_uint8, gt_masks, pred_masks, class_table):
                for i in sorted(shown) if i < class_table.num_classes]
     if handles:
         figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize="small")
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
 
 
 def plot_training_curves(records, path):
@@ -83,7 +89,7 @@ def plot_training_curves(records, path):
     for axis, title in ((loss_ax, "loss"), (miou_ax, "val mIoU"), (lr_ax, "learning rate")):
         axis.set(xlabel="optimizer step", title=title)
     loss_ax.legend()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
 
 
 def plot_per_class_iou(evaluation, class_names, path):
@@ -98,7 +104,7 @@ def plot_per_class_iou(evaluation, class_names, path):
     axis.bar_label(bars, ["n/a" if iou is None else "" for iou in ious], label_type="center")
     axis.set(xlim=(0, 1), xlabel="IoU", title=f"per-class IoU at step {evaluation['step']}")
     axis.invert_yaxis()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
 
 
 def row_normalized(matrix):
@@ -122,4 +128,4 @@ def plot_confusion_matrix(matrix, class_names, path):
     axis.set_xticks(ticks, class_names, rotation=90)
     axis.set_yticks(ticks, class_names)
     axis.set(xlabel="prediction", ylabel="ground truth")
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)

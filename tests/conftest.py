@@ -14,6 +14,13 @@ OFFICIAL_COLORS = {c.id: c.color for c in Cityscapes.classes if c.id >= 0}
 LABEL_TO_TRAIN_ID = {c.id: c.train_id for c in Cityscapes.classes if c.id >= 0}
 
 
+def noise(rng, height, width, channels=3):
+    """Smooth random colours (upscaled noise), photo-like enough for a tiny model to predict several classes."""
+    small = rng.integers(0, 256, size=(max(1, height // 8), max(1, width // 8), channels), dtype=np.uint8)
+    image = Image.fromarray(small.squeeze(-1) if channels == 1 else small)
+    return np.asarray(image.resize((width, height), Image.BILINEAR))
+
+
 def random_label_ids(rng, width, height, block):
     """Blocks of random label ids 0..33 (void ones included) and the ego-vehicle band at the bottom."""
     blocks = rng.integers(0, NUM_LABEL_IDS, size=(-(-height // block), -(-width // block)), dtype=np.uint8)

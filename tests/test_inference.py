@@ -18,6 +18,7 @@ from torchvision.datasets import Cityscapes
 
 import inference
 import unet
+from conftest import noise
 from dataset import MEAN, STD, ClassTable, SegmentationDataset, read_photo, resize_image
 from metrics import ConfusionMatrix
 from unet import UNet, fold_batchnorm, upsample_argmax
@@ -62,13 +63,6 @@ def reference_mask(model, photo):
     with torch.no_grad():
         logits = model(pixels[None])
     return F.interpolate(logits, size=photo.shape[:2], mode="bilinear", align_corners=False).argmax(1)[0].numpy()
-
-
-def noise(rng, height, width, channels=3):
-    """Smooth random colours (upscaled noise) so the tiny model predicts several classes."""
-    small = rng.integers(0, 256, size=(max(1, height // 8), max(1, width // 8), channels), dtype=np.uint8)
-    image = Image.fromarray(small.squeeze(-1) if channels == 1 else small)
-    return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
 def write_every_kind(folder, rng):

@@ -1,0 +1,136 @@
+"""Faults that are not the code's: a killed DDP worker under torchrun's restarts, a full disk while saving, a
+data file that vanishes mid-run, a checkpoint that does not fit the flags. Each ends in one line naming the file
+or the flag, never in a hang, and never costs the last good checkpoint."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+import batches
+import runtime
+import synthetic_city
+import training
+from bench import restarts
+
+TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
+        "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def city(make_cityscapes):
+    return make_cityscapes(size=(32, 16), counts={"train": 8, "val": 4}, block=4, noise=10)
+
+
+def train(city, run_dir, *extra):
+    training.main(["--data_root", str(city), "--out_dir", str(run_dir), "--model_path", str(run_dir / "model.pth"),
+                   *TINY, *extra])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_never_killed(tmp_path):
+    """torchrun --max_restarts: one worker SIGKILLed at a plain step, the other in the evaluation + checkpoint
+    step; each job finishes by itself with the uninterrupted run's weights, bit for bit, every step logged once."""
+    city = tmp_path / "city"
+    synthetic_city.generate(city, 8, 4, size=(32, 16), seed=0, workers=1)
+    code, _, _ = restarts.run_with_a_kill(city, tmp_path / "reference", ("step", 10**9), 0, timeout=240)
+    assert code == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    for name, trigger, rank in (("plain", ("step", 10), 1), ("evaluation", ("evaluation", restarts.EVAL_EVERY), 0)):
+        code, _, killed = restarts.run_with_a_kill(city, tmp_path / name, trigger, rank, timeout=240)
+        assert killed and code == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        assert restarts.same_weights(tmp_path / name, tmp_path / "reference")
+        assert restarts.logged_steps(tmp_path / name) == list(range(1, restarts.STEPS + 1))
+
+
+def fail_writes_of(monkeypatch, name, after=0):
+    """Make the disk 'full' for writes of files called `name` (after `after` successful ones): fsync fails with
+    ENOSPC, as it does when a full disk meets buffered data."""
+    real_fsync, written = os.fsync, []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(f".{name}."):
+            written.append(name)
+            if len(written) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("name, after", [("checkpoint.pt", 1), ("best_model.pth", 1), ("training_curves.png", 0),
+                                         ("metrics.jsonl", 0)])
+def test_a_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_resume_is_exact(city, tmp_path, monkeypatch,
+                                                                                      capsys, name, after):
+    args = ["--training_iterations", "6", "--save_model_interval", "2", "--eval_interval", "2"]
+    train(city, tmp_path / "reference", *args)
+    run_dir = tmp_path / "full"
+    fail_writes_of(monkeypatch, name, after)
+    with pytest.raises(SystemExit) as exit_info:
+        train(city, run_dir, *args)
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert error == [f"error: {run_dir / name}: could not write it (No space left on device)"]
+    assert not list(run_dir.glob(".*.tmp"))  # no half-written file left behind
+    if (run_dir / "checkpoint.pt").exists():
+        assert load(run_dir / "checkpoint.pt")["step"] in (2, 4, 6)  # a complete, earlier checkpoint
+    monkeypatch.undo()
+    training.main(["--resume", "auto", "--out_dir", str(run_dir)] if (run_dir / "checkpoint.pt").exists()
+                  else ["--data_root", str(city), "--out_dir", str(run_dir), "--model_path", str(run_dir / "model.pth"),
+                        *TINY, *args])
+    expected, got = load(tmp_path / "reference" / "checkpoint.pt"), load(run_dir / "checkpoint.pt")
+    assert got["step"] == 6 and all(torch.equal(got["model"][k], v) for k, v in expected["model"].items())
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in line]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_data_file_that_vanishes_mid_run_is_one_line_naming_it(city, tmp_path, monkeypatch, capsys):
+    vanished = sorted(city.glob("leftImg8bit/train/*/*.png"))[0]
+    read, calls = batches.SeededSamples.__getitem__, []
+
+    def read_then_delete(self, key):
+        calls.append(key)
+        if len(calls) == 6:
+            vanished.unlink()
+        return read(self, key)
+
+    monkeypatch.setattr(batches.SeededSamples, "__getitem__", read_then_delete)
+    with pytest.raises(SystemExit) as exit_info:
+        train(city, tmp_path / "run", "--training_iterations", "40", "--save_model_interval", "2")
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == [f"error: {vanished}: cannot read PNG (No such file or directory)"]
+    assert load(tmp_path / "run" / "checkpoint.pt")["step"] >= 2
+
+
+def test_a_checkpoint_that_does_not_fit_the_flags_is_one_line(city, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(city, run_dir, "--training_iterations", "2")
+    capsys.readouterr()
+    for flags, line in ((["--base_channels", "8"], "--base_channels 8: {} was trained with --base_channels 4; its "
+                                                   "weights have that shape"),
+                        (["--classes", "road", "car"], "--classes road car: {} was trained with the dataset's default "
+                                                       "classes; its model predicts those classes")):
+        with pytest.raises(SystemExit) as exit_info:
+            training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3", *flags])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {line.format(run_dir / 'checkpoint.pt')}\n"
+    checkpoint = load(run_dir / "checkpoint.pt")
+    checkpoint["torch_version"] = "2.11.0+cu130"
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
+    assert (f"{run_dir / 'checkpoint.pt'} was written by torch 2.11.0+cu130, this is torch {torch.__version__}"
+            in capsys.readouterr().out)
+    assert load(run_dir / "checkpoint.pt")["step"] == 3
