@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -61,16 +61,23 @@ def inference_classes(names, colors, dataset) -> ClassTable:
     return ClassTable(list(names), np.array(colors, dtype=np.uint8), identity, identity != IGNORE_INDEX, "class ids")
 
 
+TTA_SCALES = {"none": (1.0,), "flip": (1.0,), "ms": (0.75, 1.0, 1.25)}
+
+
 class Segmenter:
     """A trained model, loaded once, that segments images as inference.py does.
 
     segmenter(image) takes a path, a PIL image or a numpy array ((H, W) gray or (H, W, 3) RGB uint8) and
     returns the (H, W) uint8 mask of class indices at the image's own size; with probabilities=True also
     the (C, H, W) float32 class probabilities. class_names and class_table say what the indices mean.
+    tta: test-time augmentation, "none", "flip" or "ms" (see scores()).
     """
 
     def __init__(self, checkpoint=WEIGHTS_FILE, device="auto", amp="auto", channels_last="auto", image_size=None,
-                 classes=None, **bare_sizes):
+                 classes=None, tta="none", **bare_sizes):
+        if tta not in TTA_SCALES:
+            raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_SCALES)}")
+        self.tta = tta
         loaded = load_weights(checkpoint, bare_sizes, classes, FALLBACK_IMAGE_SIZE, MEAN, STD)
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(amp, self.device)
@@ -98,20 +105,37 @@ class Segmenter:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self.model(inputs).float()
 
-    def mask(self, logits: torch.Tensor, size) -> torch.Tensor:
-        """(C, h, w) logits -> (H, W) class map at `size` (H, W), on the model's device."""
-        return upsample_argmax(logits, size)
+    @torch.inference_mode()
+    def scores(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) model inputs -> (N, C, h, w) class scores: the logits, or with test-time augmentation the
+        softmax probabilities averaged over the inputs and their mirror images (flip), at 0.75x, 1x and 1.25x
+        the training size (ms)."""
+        if self.tta == "none":
+            return self.logits(inputs)
+        size, total = inputs.shape[-2:], 0
+        for scale in TTA_SCALES[self.tta]:
+            scaled = inputs if scale == 1 else F.interpolate(inputs, scale_factor=scale, mode="bilinear",
+                                                             align_corners=False, antialias=scale < 1)
+            for mirrored in (False, True):
+                probabilities = self.logits(scaled.flip(-1) if mirrored else scaled).softmax(1)
+                probabilities = probabilities.flip(-1) if mirrored else probabilities
+                total += F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False) \
+                    if scale != 1 else probabilities
+        return total / (2 * len(TTA_SCALES[self.tta]))
+
+    def mask(self, scores: torch.Tensor, size) -> torch.Tensor:
+        """(C, h, w) scores -> (H, W) class map at `size` (H, W), on the model's device."""
+        return upsample_argmax(scores, size)
 
     @torch.inference_mode()
     def __call__(self, image, probabilities=False):
         photo = read_photo(image) if isinstance(image, (str, os.PathLike)) else photo_to_rgb(image)
-        logits = self.logits(self.model_input(photo)[None])[0]
-        mask = self.mask(logits, photo.shape[:2]).byte().cpu().numpy()
+        scores = self.scores(self.model_input(photo)[None])[0]
+        mask = self.mask(scores, photo.shape[:2]).byte().cpu().numpy()
         if not probabilities:
             return mask
-        upsampled = torch.nn.functional.interpolate(logits[None], size=photo.shape[:2], mode="bilinear",
-                                                    align_corners=False)[0]
-        return mask, upsampled.softmax(0).cpu().numpy()
+        upsampled = F.interpolate(scores[None], size=photo.shape[:2], mode="bilinear", align_corners=False)[0]
+        return mask, (upsampled.softmax(0) if self.tta == "none" else upsampled).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- images in
@@ -275,9 +299,9 @@ def predict(args, segmenter):
             for index, reason in batch["failures"]:
                 skip(index, reason)
             if batch["inputs"] is not None:
-                logits = segmenter.logits(batch["inputs"])
-                for index, photo, image_logits in zip(batch["indices"], batch["photos"], logits):
-                    mask = segmenter.mask(image_logits, photo.shape[:2]).byte().cpu().numpy()
+                batch_scores = segmenter.scores(batch["inputs"])
+                for index, photo, image_scores in zip(batch["indices"], batch["photos"], batch_scores):
+                    mask = segmenter.mask(image_scores, photo.shape[:2]).byte().cpu().numpy()
                     pending.append((index, writer.submit(write_prediction, photo.numpy(), mask, output_dir,
                                                          names[index], segmenter.class_table, values, args.alpha)))
             while len(pending) > 2 * args.batch_size:  # bound the photos and masks held in memory
@@ -336,9 +360,9 @@ def evaluate_split(args, segmenter):
                         collate_fn=collate_indexed, pin_memory=segmenter.device.type == "cuda")
     confusion = ConfusionMatrix(dataset.class_table.num_classes, device=segmenter.device)
     for indices, images, targets in tqdm(loader, desc=f"evaluating {args.split}", unit="batch", disable=None):
-        logits = segmenter.logits(images)
-        for index, image_logits, target in zip(indices, logits, targets):
-            pred = segmenter.mask(image_logits, target.shape)
+        batch_scores = segmenter.scores(images)
+        for index, image_scores, target in zip(indices, batch_scores, targets):
+            pred = segmenter.mask(image_scores, target.shape)
             confusion.update(pred[None], target.to(segmenter.device, non_blocking=True)[None])
             if label_lut is not None:
                 write_image_atomically(output_dir / "label_ids" / dataset.samples[index][0].name,
@@ -349,7 +373,7 @@ def evaluate_split(args, segmenter):
     summary = scores(results, names)
     dice = [finite_or_none(value) for value in results["dice"].tolist()]
     report = {"checkpoint": str(args.checkpoint), "data_root": str(args.data_root), "dataset": dataset.layout.kind,
-              "split": args.split, "num_images": len(dataset),
+              "split": args.split, "tta": segmenter.tta, "num_images": len(dataset),
               **{key: summary[key] for key in ("miou", "fwiou", "pixel_acc", "mean_acc")},
               "per_class": {name: {"iou": iou, "dice": class_dice}
                             for (name, iou), class_dice in zip(summary["per_class_iou"].items(), dice)},
@@ -431,6 +455,10 @@ def build_parser():
                              "of class indices (default: class indices)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="opacity of the palette in the overlay (default: %(default)s)")
+    parser.add_argument("--tta", choices=tuple(TTA_SCALES), default="none",
+                        help="test-time augmentation: flip averages the class probabilities of each photo and its "
+                             "mirror image (2 forward passes), ms also over 0.75x and 1.25x the training size (6 "
+                             "passes) (default: %(default)s)")
     parser.add_argument("--export", metavar="MODEL.onnx",
                         help=f"write the checkpoint as an ONNX model instead of segmenting; needs pip install -r "
                              f"{EXPORT_REQUIREMENTS} (default: no export)")
@@ -477,7 +505,7 @@ def load_segmenter(args) -> Segmenter:
         raise UserError(f"checkpoint {args.checkpoint} not found: train a model first with `python training.py` "
                         f"(or pass --checkpoint PATH)")
     classes = args.classes or CITYSCAPES_EVAL_NAMES
-    return Segmenter(args.checkpoint, args.device, args.amp, args.channels_last, args.image_size, classes,
+    return Segmenter(args.checkpoint, args.device, args.amp, args.channels_last, args.image_size, classes, args.tta,
                      num_classes=args.num_classes, base_channels=args.base_channels, depth=args.depth,
                      bilinear=args.bilinear)
 

@@ -157,3 +157,34 @@ def test_segmenter_gives_the_command_line_masks_for_paths_pil_images_and_arrays(
     np.testing.assert_array_equal(segmenter(gray), segmenter(Image.fromarray(gray)))
     with pytest.raises(UserError, match="expected a uint8 array"):
         segmenter(np.zeros((4, 4, 3), np.float32))
+
+
+def test_test_time_augmentation_averages_probabilities_over_mirror_images_and_scales(exported, tmp_path):
+    weights, _ = exported
+    plain = inference.Segmenter(weights, device="cpu")
+    inputs = torch.stack([plain.model_input(np.array(noise(np.random.default_rng(4), 30, 50))) for _ in range(2)])
+
+    def probabilities(x):
+        return plain.logits(x).softmax(1)
+
+    expected_flip = (probabilities(inputs) + probabilities(inputs.flip(-1)).flip(-1)) / 2
+    flip = inference.Segmenter(weights, device="cpu", tta="flip")
+    torch.testing.assert_close(flip.scores(inputs), expected_flip, rtol=1e-5, atol=1e-6)
+    expected_ms = 0
+    for scale in (0.75, 1.0, 1.25):
+        scaled = torch.nn.functional.interpolate(inputs, scale_factor=scale, mode="bilinear", antialias=scale < 1)
+        both = (probabilities(scaled) + probabilities(scaled.flip(-1)).flip(-1)) / 2
+        expected_ms = expected_ms + torch.nn.functional.interpolate(both, size=inputs.shape[-2:], mode="bilinear") / 3
+    multi_scale = inference.Segmenter(weights, device="cpu", tta="ms")
+    torch.testing.assert_close(multi_scale.scores(inputs), expected_ms, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected_flip, expected_ms, atol=1e-3)  # the two really differ
+
+    paths = photos(tmp_path / "photos", np.random.default_rng(5))
+    assert inference.main(["--checkpoint", str(weights), "--input", str(tmp_path / "photos"), "--output",
+                           str(tmp_path / "out"), "--tta", "flip", "--device", "cpu", "--num_workers", "0"]) == 0
+    for path in paths:
+        mask, probs = flip(path, probabilities=True)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{path.stem}_mask.png")), mask)
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    with pytest.raises(UserError, match="--tta twice"):
+        inference.Segmenter(weights, tta="twice")

@@ -69,12 +69,28 @@ def fail_writes_of(monkeypatch, name, after=0):
     monkeypatch.setattr(runtime.os, "fsync", fsync)
 
 
+FULL_DISK_RUN = ["--training_iterations", "6", "--save_model_interval", "2", "--eval_interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """(data, run folder) of an uninterrupted run of FULL_DISK_RUN, shared by the full-disk cases."""
+    folder = tmp_path_factory.mktemp("full_disk")
+    city = folder / "city"
+    synthetic_city.generate(city, 8, 4, size=(32, 16), seed=0, workers=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(city, folder / "reference", *FULL_DISK_RUN)
+    torch.set_num_threads(threads)
+    return city, folder / "reference"
+
+
 @pytest.mark.parametrize("name, after", [("checkpoint.pt", 1), ("best_model.pth", 1), ("training_curves.png", 0),
                                          ("metrics.jsonl", 0)])
-def test_a_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_resume_is_exact(city, tmp_path, monkeypatch,
-                                                                                      capsys, name, after):
-    args = ["--training_iterations", "6", "--save_model_interval", "2", "--eval_interval", "2"]
-    train(city, tmp_path / "reference", *args)
+def test_a_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_resume_is_exact(reference_run, tmp_path,
+                                                                                      monkeypatch, capsys, name, after):
+    city, reference = reference_run
+    args = FULL_DISK_RUN
     run_dir = tmp_path / "full"
     fail_writes_of(monkeypatch, name, after)
     with pytest.raises(SystemExit) as exit_info:
@@ -89,7 +105,7 @@ def test_a_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_resume_is_
     training.main(["--resume", "auto", "--out_dir", str(run_dir)] if (run_dir / "checkpoint.pt").exists()
                   else ["--data_root", str(city), "--out_dir", str(run_dir), "--model_path", str(run_dir / "model.pth"),
                         *TINY, *args])
-    expected, got = load(tmp_path / "reference" / "checkpoint.pt"), load(run_dir / "checkpoint.pt")
+    expected, got = load(reference / "checkpoint.pt"), load(run_dir / "checkpoint.pt")
     assert got["step"] == 6 and all(torch.equal(got["model"][k], v) for k, v in expected["model"].items())
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "train_loss" in line]
