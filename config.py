@@ -58,6 +58,10 @@ class TrainConfig:
     bilinear: bool = option(False, "bilinear upsampling instead of transposed convs", "model and loss", **SWITCH)
     sync_bn: bool = option(False, "DDP on GPUs: BatchNorm statistics over all ranks' micro-batches", "model and loss",
                            **SWITCH)
+    class_weights: str = option("none", "per-class loss weights in the CE and Dice terms: none, auto = median-frequency "
+                                "balancing computed once from the train masks (rare classes weigh more), or a file "
+                                "with one number per class; the weights used are stored in config.json and the "
+                                "checkpoint", "model and loss")
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
 
@@ -71,6 +75,8 @@ class TrainConfig:
                                  "optimisation", type=float)
     weight_decay: float = option(1e-2, "AdamW weight decay of conv weights", "optimisation", type=float)
     grad_clip: float = option(1.0, "clip gradients to this global norm, 0 = off", "optimisation", type=float)
+    ema_decay: float = option(0.0, "exponential moving average of the weights, evaluated and saved instead of the raw "
+                              "ones, with this decay per step (e.g. 0.999); 0 = off", "optimisation", type=float)
     max_nonfinite_steps: int = option(10, "stop after this many consecutive steps with non-finite gradients, as a "
                                       "NaN or inf loss gives (each is skipped; checked at every log step)",
                                       "optimisation", type=int)
@@ -115,10 +121,13 @@ class TrainConfig:
                                "before failing, so that torchrun can restart the round", "system and speed", type=int)
     seed: int = option(0, "seed of weights, data order, augmentation and dropout", "system and speed", type=int)
     world_size: int = 1  # processes (torchrun sets it); not a flag
+    class_weight_values: tuple | None = None  # the weights --class_weights resolved to, once; not a flag
 
     def __post_init__(self):
         self.scale_range = tuple(self.scale_range)
         self.classes = None if self.classes is None else tuple(self.classes)
+        if self.class_weight_values is not None:
+            self.class_weight_values = tuple(self.class_weight_values)
         self.validate()
 
     @property
@@ -144,6 +153,7 @@ class TrainConfig:
                 "grad_clip", "eval_iterations", "weight_decay", "color_jitter", "num_workers", "warmup_steps",
                 "decay_factor")),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("hflip_prob", 0 <= self.hflip_prob <= 1, "in [0, 1]"),
             ("base_lr", self.base_lr > 0, "> 0"),
             ("min_lr", 0 <= self.min_lr <= self.base_lr, f"in [0, --base_lr {self.base_lr}]"),
@@ -240,7 +250,8 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
 RESUME_FIXED = {
     "base_channels": "its weights have that shape", "depth": "its weights have that shape",
     "bilinear": "its weights have that shape", "dataset": "its model predicts that data's classes",
-    "classes": "its model predicts those classes",
+    "classes": "its model predicts those classes", "class_weights": "its loss weights stay as they were",
+    "ema_decay": "its weight average continues as it was",
     "data_cache": "the two pipelines draw different augmentations, so the resume would not be exact",
 }
 

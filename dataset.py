@@ -564,16 +564,31 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def read_train_ids(self, mask_path, image_size_on_disk, image_path) -> torch.Tensor:
         """uint8 (H, W) class ids at the mask's own size, checked against the image and the valid values."""
-        mask = self.layout.read_mask(mask_path)
-        mask_size = (mask.shape[1], mask.shape[0])
+        train_ids = self.class_ids(mask_path)
+        mask_size = (train_ids.shape[1], train_ids.shape[0])
         if mask_size != image_size_on_disk:
             raise DatasetError(f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but image {image_path.name} "
                                f"is {image_size_on_disk[0]}x{image_size_on_disk[1]}")
+        return torch.from_numpy(train_ids)
+
+    def class_ids(self, mask_path) -> np.ndarray:
+        """uint8 (H, W) class ids of a mask file, its values checked."""
+        mask = self.layout.read_mask(mask_path)
         table = self.class_table
         if not table.valid[mask].all():
             bad = np.unique(mask[~table.valid[mask]])
             raise DatasetError(f"{mask_path}: invalid mask values {bad.tolist()[:10]}, expected {table.valid_description}")
-        return torch.from_numpy(table.label_to_train[mask])
+        return table.label_to_train[mask]
+
+    def class_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels of each class, pixels of the images where the class appears), over the split's masks at
+        their own size: the statistics of median-frequency balancing."""
+        pixels, present = np.zeros((2, self.class_table.num_classes), dtype=np.int64)
+        for _, mask_path in self.samples:
+            counts = np.bincount(self.class_ids(mask_path).ravel(), minlength=256)[: self.class_table.num_classes]
+            pixels += counts
+            present += np.where(counts > 0, counts.sum(), 0)
+        return pixels, present
 
 
 # ----------------------------------------------------------------------------- prepare

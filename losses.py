@@ -77,3 +77,18 @@ class CEDiceLoss(nn.Module):
             dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
             dice_loss = 1 - (class_weights * dice).sum() / class_weights.sum()
             return self.ce_weight * ce + self.dice_weight * dice_loss
+
+
+def median_frequency_weights(pixels, present_pixels):
+    """Median-frequency balancing (Eigen & Fergus 2015; SegNet and ENet on CamVid): w_c = median(f) / f_c with
+    f_c = pixels of class c / pixels of the images where c appears, so rare classes weigh more. Classes
+    that never appear get weight 0 (there is nothing to learn them from)."""
+    pixels = torch.as_tensor(pixels, dtype=torch.float64)
+    present_pixels = torch.as_tensor(present_pixels, dtype=torch.float64)
+    frequency = pixels / present_pixels.clamp(min=1)
+    seen = frequency > 0
+    if not seen.any():
+        raise ValueError("median-frequency class weights: no class appears in the masks")
+    weights = torch.zeros_like(frequency)
+    weights[seen] = frequency[seen].quantile(0.5) / frequency[seen]
+    return weights.float()

@@ -11,6 +11,7 @@ evaluation, checkpoint.pt (the full training state) and best_model.pth; --model_
 the best val mIoU. A resumed run continues bit for bit (same device, thread count and world size).
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from batches import TimedBatches, loader_options, train_batches
 from checkpoint import CHECKPOINT_FILE, Progress, restore, save_checkpoint
 from config import TrainConfig, build_parser, from_command_line
 from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, open_layout
-from losses import CEDiceLoss
+from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import ConfusionMatrix, MetricsLog, format_table, scores
 from runtime import (USAGE_ERROR_EXIT_CODE, UserError, atomic_write, autocast_dtype, one_line, resolve_device,
@@ -117,7 +118,8 @@ def collate_images_and_masks(samples):
 
 
 def build_data(config, rank, device, start_step):
-    """Train batches (the seeded global stream from start_step on), this rank's val loader, snapshot images."""
+    """Train batches (the seeded global stream from start_step on), this rank's val loader, snapshot images;
+    resolves --class_weights, which needs the train masks."""
     root = config.data_root
     if config.dataset == "synthetic":
         if rank == 0:
@@ -129,6 +131,7 @@ def build_data(config, rank, device, start_step):
     common = dict(image_size=config.size, classes=class_table, layout=layout)
     train_set = SegmentationDataset(root, "train", augment=True, scale_range=config.scale_range,
                                     hflip_prob=config.hflip_prob, color_jitter=config.color_jitter, **common)
+    resolve_class_weights(config, train_set, rank)
     val_set = SegmentationDataset(root, "val", label_resolution=True, **common)
     snapshot_set = SegmentationDataset(root, "val", **common)
     shard = Subset(val_set, range(rank, len(val_set), config.world_size))
@@ -161,6 +164,55 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
     scheduler = WarmupInverseSqrtLR(optimizer, config.warmup_steps, config.decay_factor, config.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return model, optimizer, scheduler, scaler
+
+
+def resolve_class_weights(config, train_set, rank):
+    """config.class_weight_values from --class_weights, computed once (auto: median-frequency balancing of the train
+    masks; a file: one number per class) and kept in the config, so a resume uses the same weights."""
+    if config.class_weights == "none" or config.class_weight_values is not None:
+        return
+    names = train_set.class_table.names
+    if config.class_weights == "auto":
+        weights = median_frequency_weights(*train_set.class_pixels()).tolist()
+    else:
+        try:
+            weights = [float(word) for word in Path(config.class_weights).read_text().split()]
+        except ValueError:
+            raise UserError(f"{config.class_weights}: --class_weights expects a file of numbers, one per class") from None
+        if len(weights) != len(names) or min(weights) < 0 or sum(weights) <= 0:
+            raise UserError(f"{config.class_weights}: {len(weights)} weights for {len(names)} classes; give one number "
+                            f">= 0 per class ({', '.join(names)}), not all 0")
+    config.class_weight_values = tuple(round(weight, 4) for weight in weights)
+    if rank == 0:
+        print("class weights: " + ", ".join(f"{name} {weight:g}" for name, weight in zip(names,
+                                                                                        config.class_weight_values)))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights and BatchNorm statistics (timm's ModelEmaV2), evaluated and
+    saved instead of the raw weights: it smooths out the last steps of a schedule that does not anneal. Its decay
+    ramps up as min(decay, (1 + n) / (10 + n)), so the first averages are not the initial weights."""
+
+    def __init__(self, model, decay):
+        self.model, self.decay, self.updates = copy.deepcopy(model).eval().requires_grad_(False), decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = [(mine, theirs) for mine, theirs in zip(self.model.state_dict().values(), model.state_dict().values())]
+        torch._foreach_lerp_([m for m, t in pairs if m.is_floating_point()],
+                             [t for m, t in pairs if m.is_floating_point()], 1 - decay)
+        for mine, theirs in pairs:
+            if not mine.is_floating_point():
+                mine.copy_(theirs)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
 
 
 def compiled(module, config):
@@ -362,6 +414,7 @@ class Run:
     scheduler: WarmupInverseSqrtLR
     scaler: torch.amp.GradScaler
     loss_fn: CEDiceLoss
+    average: WeightAverage | None
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -371,17 +424,25 @@ class Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def weights(self):
+    @property
+    def eval_model(self):
+        """What is evaluated and saved: the weight average with --ema_decay, else the model itself."""
+        return self.average.model if self.average else self.model
+
+    def weights(self, model=None):
+        """The weights file's contents for `model`, by default the evaluated one."""
         table = self.data.class_table
-        return weights_dict(self.model, table.names, table.colors, self.config.size, MEAN, STD, self.config.dataset)
+        return weights_dict(model or self.eval_model, table.names, table.colors, self.config.size, MEAN, STD,
+                            self.config.dataset)
 
 
 def save_progress(run):
     """The training checkpoint of where the run stands (every rank calls it; rank 0 writes)."""
     run.progress.samples_seen = run.progress.step * run.config.global_batch
     run.progress.epoch = run.progress.samples_seen // run.data.train_images
-    save_checkpoint(run.run_dir / CHECKPOINT_FILE, run.weights(), run.optimizer, run.scheduler, run.scaler, run.config,
-                    run.progress, run.rank, run.config.world_size)
+    extra = {"average": run.average.state_dict()} if run.average else {}  # the trained weights stay in "model"
+    save_checkpoint(run.run_dir / CHECKPOINT_FILE, {**run.weights(run.model), **extra}, run.optimizer, run.scheduler,
+                    run.scaler, run.config, run.progress, run.rank, run.config.world_size)
 
 
 def start_run(config, checkpoint, rank, local_rank) -> Run:
@@ -390,11 +451,15 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
     data = build_data(config, rank, device, checkpoint["step"] if checkpoint else 0)
     model, optimizer, scheduler, scaler = build_training(config, data.class_table.num_classes, device, memory_format,
                                                          amp_dtype)
-    loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight).to(device)
-    run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn)
+    loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
+                         config.class_weight_values).to(device)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average)
     seed_everything(config.seed, rank)
     if checkpoint:
         run.progress = restore(checkpoint, model, optimizer, scheduler, scaler, rank, config.world_size)
+        if average:
+            average.load_state_dict(checkpoint["average"])
     return run
 
 
@@ -412,13 +477,13 @@ def open_run_folder(run):
 def evaluate(run, max_batches=0, final=False):
     """Validate, log, snapshot, and keep the best weights (rank 0 writes); returns (results, confusion)."""
     step, table = run.progress.step, run.data.class_table
-    val_loss, results, confusion = validate(run.model, run.data.val, run.loss_fn, table.num_classes, run.device,
+    val_loss, results, confusion = validate(run.eval_model, run.data.val, run.loss_fn, table.num_classes, run.device,
                                             run.autocast, run.memory_format, max_batches)
     if run.rank == 0:
         MetricsLog(run.run_dir / "metrics.jsonl").append(
             {"step": step, "val_loss": val_loss if math.isfinite(val_loss) else None, **scores(results, table.names),
              "val_pixels": int(confusion.sum()), "final": final})
-        save_snapshot(run.model, run.data.snapshot, table, run.run_dir / "snapshots" / f"step_{step:06d}.png",
+        save_snapshot(run.eval_model, run.data.snapshot, table, run.run_dir / "snapshots" / f"step_{step:06d}.png",
                       run.device, run.autocast, run.memory_format)
         # the first evaluation always saves (its mIoU is NaN when no val pixel is labelled); a later one
         # replaces a better or an undefined best
@@ -470,6 +535,8 @@ def train(config, checkpoint, rank=0, local_rank=0):
                                                  run.optimizer, run.scaler, run.autocast, config.grad_clip, run.device,
                                                  run.memory_format)
             run.scheduler.step()
+            if run.average:
+                run.average.update(run.model)
             run.progress.step = step = run.progress.step + 1
             logger.update(loss, finite)
             bar.update()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import CEDiceLoss
+from losses import CEDiceLoss, median_frequency_weights
 
 IGNORE = 255
 
@@ -148,3 +148,14 @@ def test_bad_shapes_raise_clear_error():
         criterion(logits, target[:, :3])
     with pytest.raises(ValueError, match="target"):
         criterion(logits, target.float())
+
+
+def test_median_frequency_weights_by_hand():
+    # class 0: 60 pixels in images totalling 100 -> f 0.6; class 1: 10 of 50 -> 0.2; class 2: 5 of 100 -> 0.05;
+    # class 3 never appears. median(0.6, 0.2, 0.05) = 0.2
+    weights = median_frequency_weights([60, 10, 5, 0], [100, 50, 100, 0])
+    assert weights.tolist() == pytest.approx([0.2 / 0.6, 1.0, 0.2 / 0.05, 0.0])
+    even = median_frequency_weights([10, 20], [100, 100])  # the median of two is their mean: 0.15
+    assert even.tolist() == pytest.approx([1.5, 0.75])
+    with pytest.raises(ValueError, match="no class appears"):
+        median_frequency_weights([0, 0], [0, 0])

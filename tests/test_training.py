@@ -18,15 +18,17 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
+from torchvision.datasets import Cityscapes
 
 import batches
 import synthetic_city
 import training
 import visualize
 from config import PRESETS, TrainConfig
-from losses import CEDiceLoss
+from dataset import SegmentationDataset
+from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import lr_at
-from runtime import use_channels_last
+from runtime import autocast_dtype, use_channels_last
 from unet import UNet, weights_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -636,3 +638,76 @@ def test_a_slow_input_pipeline_shows_in_data_wait_and_is_named_once(city, tmp_pa
     assert all(r["data_wait"] > 0.5 for r in records(tmp_path / "slow")[0])
     hints = [line for line in capsys.readouterr().out.splitlines() if "waiting for batches" in line]
     assert len(hints) == 1 and hints[0].startswith("step 2: ") and "--num_workers" in hints[0]
+
+
+def test_class_weights_are_computed_once_from_the_train_masks_and_kept_by_a_resume(city, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "2", "--class_weights", "auto"))
+    label_to_train = np.full(256, 255)  # counted by hand through torchvision's table
+    for cityscapes_class in Cityscapes.classes:
+        if cityscapes_class.id >= 0 and 0 <= cityscapes_class.train_id < 255:
+            label_to_train[cityscapes_class.id] = cityscapes_class.train_id
+    pixels, present = np.zeros(19), np.zeros(19)
+    for mask_path in sorted(city.glob("gtFine/train/*/*_labelIds.png")):
+        counts = np.bincount(label_to_train[np.asarray(Image.open(mask_path))].ravel(), minlength=256)[:19]
+        pixels, present = pixels + counts, present + np.where(counts > 0, counts.sum(), 0)
+    train_set = SegmentationDataset(city, "train", (32, 16), layout="cityscapes")
+    assert [counts.tolist() for counts in train_set.class_pixels()] == [pixels.tolist(), present.tolist()]
+    expected = [round(w, 4) for w in median_frequency_weights(pixels, present).tolist()]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["class_weights"] == "auto" and config["class_weight_values"] == pytest.approx(expected)
+    assert max(expected) > 1 > min(w for w in expected if w > 0)  # rare classes weigh more
+    assert "class weights: road " in capsys.readouterr().out
+    assert load(run_dir / "checkpoint.pt")["config"]["class_weight_values"] == config["class_weight_values"]
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
+    assert "class weights" not in capsys.readouterr().out  # not computed again
+
+    weights_file = tmp_path / "weights.txt"
+    weights_file.write_text(" ".join(["1"] * 18 + ["3"]))
+    training.main(tiny_args(city, tmp_path / "from_file", "--training_iterations", "1", "--class_weights",
+                            str(weights_file)))
+    assert json.loads((tmp_path / "from_file" / "config.json").read_text())["class_weight_values"][-1] == 3
+    weights_file.write_text("1 2 3")
+    with pytest.raises(SystemExit):
+        training.main(tiny_args(city, tmp_path / "bad", "--training_iterations", "1", "--class_weights",
+                                str(weights_file)))
+    assert capsys.readouterr().err.strip().endswith(f"{weights_file}: 3 weights for 19 classes; give one number >= 0 "
+                                                    f"per class (road, sidewalk, building, wall, fence, pole, traffic "
+                                                    f"light, traffic sign, vegetation, terrain, sky, person, rider, "
+                                                    f"car, truck, bus, train, motorcycle, bicycle), not all 0")
+
+
+def test_the_weight_average_follows_its_ramped_decay_and_resumes_exactly(city, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+    average = training.WeightAverage(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    average.update(model)  # decay min(0.9, 2 / 11)
+    expected = start + (1 - 2 / 11) * 1.0
+    torch.testing.assert_close(average.model[0].weight, expected)
+    assert average.model[1].num_batches_tracked == model[1].num_batches_tracked
+
+    args = ["--ema_decay", "0.8", "--dropout", "0.2", "--save_model_interval", "3", "--eval_interval", "100"]
+    training.main(tiny_args(city, tmp_path / "whole", *args, "--training_iterations", "6"))
+    training.main(tiny_args(city, tmp_path / "halves", *args, "--training_iterations", "3"))
+    training.main(["--resume", "auto", "--out_dir", str(tmp_path / "halves"), "--training_iterations", "6"])
+    whole, halves = load(tmp_path / "whole" / "checkpoint.pt"), load(tmp_path / "halves" / "checkpoint.pt")
+    for key in ("model", "average"):
+        state = whole[key] if key == "model" else whole[key]["model"]
+        other = halves[key] if key == "model" else halves[key]["model"]
+        assert all(torch.equal(other[name], tensor) for name, tensor in state.items()), key
+    # the only evaluation (the final one) scored the average, so the best weights are the average's
+    best = load(tmp_path / "whole" / "best_model.pth")
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in whole["average"]["model"].items())
+    assert any(not torch.equal(whole["model"][name], tensor) for name, tensor in whole["average"]["model"].items())
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, None)])
+def test_amp_auto_is_bf16_on_cpus_with_native_bf16_and_float32_on_others(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is expected
+    assert autocast_dtype("off", cpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
