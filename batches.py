@@ -203,12 +203,11 @@ def loader_options(num_workers, device, seed):
                 generator=torch.Generator().manual_seed(seed))
 
 
-def train_batches(train_set, config, rank, world_size, device, start_step):
-    """This rank's endless stream of (images, masks) micro-batches from optimizer step start_step on,
-    from DataLoader workers or, with config.data_cache == "device", from a DeviceCache."""
+def train_batches(train_set, config, rank, world_size, device, samples_seen):
+    """This rank's endless stream of (images, masks) micro-batches, from the samples_seen-th image of the global
+    stream on, from DataLoader workers or, with config.data_cache == "device", from a DeviceCache."""
     rank_block = config.batch_size * config.accum_steps
-    sampler = GlobalBatchSampler(len(train_set), config.seed, rank, world_size, rank_block,
-                                 start=start_step * config.global_batch)
+    sampler = GlobalBatchSampler(len(train_set), config.seed, rank, world_size, rank_block, start=samples_seen)
     if config.data_cache == "off":
         return DataLoader(SeededSamples(train_set), sampler=sampler, batch_size=config.batch_size,
                           **loader_options(config.num_workers, device, config.seed))

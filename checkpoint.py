@@ -1,7 +1,8 @@
 """The training checkpoint, checkpoint.pt: its one writer and reader.
 
-It holds the weights file's contents (so inference.py reads it too) plus everything a run needs to continue
-bit for bit: optimizer, LR schedule, GradScaler, the resolved config, each rank's RNG states and the progress.
+It holds the weights file's contents, the weights that are evaluated (so inference.py reads it too), plus
+everything a run needs to continue bit for bit: the trained weights when they differ (a weight average is
+evaluated), optimizer, LR schedule, GradScaler, the resolved config, each rank's RNG states and the progress.
 """
 import os
 import random
@@ -33,7 +34,7 @@ def rng_state():
     numpy_state = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}  # this rank's GPU
 
 
 def set_rng_state(state):
@@ -42,7 +43,7 @@ def set_rng_state(state):
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def save_checkpoint(path, weights, optimizer, scheduler, scaler, config, progress, rank, world_size):
@@ -71,8 +72,8 @@ def read_checkpoint(path) -> dict:
 
 def restore(checkpoint, model, optimizer, scheduler, scaler, rank, world_size) -> Progress:
     """Continue from a checkpoint: model, optimizer, schedule, GradScaler and this rank's RNGs; returns the
-    progress."""
-    model.load_state_dict(checkpoint["model"])
+    progress. (With a weight average, "model" holds the average and "trained_model" the trained weights.)"""
+    model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:  # CPU checkpoints of versions before the sync-free loop say fused=None
         group.update(fused=True, foreach=None)
@@ -81,7 +82,8 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, rank, world_size) -
     if len(checkpoint["rng"]) == world_size:
         set_rng_state(checkpoint["rng"][rank])
     elif rank == 0:
-        print(f"resuming {len(checkpoint['rng'])} ranks' state on {world_size}: dropout draws will differ")
+        print(f"resuming a run of {len(checkpoint['rng'])} processes on {world_size}: the data stream continues where "
+              f"it stopped, with {world_size} ranks' blocks per step; dropout draws will differ")
     return Progress(**{key: checkpoint[key] for key in vars(Progress()) if key in checkpoint})
 
 
@@ -91,9 +93,10 @@ def find_resume_checkpoint(resume, out_dir):
     if resume is None:
         return None
     if resume != "auto":
-        if not os.path.isfile(resume):
-            raise UserError(f"{resume}: checkpoint not found (--resume)")
-        return resume
+        path = Path(resume) / CHECKPOINT_FILE if os.path.isdir(resume) else Path(resume)  # a run folder will do
+        if not path.is_file():
+            raise UserError(f"{path}: checkpoint not found (--resume)")
+        return str(path)
     candidates = [Path(out_dir) / CHECKPOINT_FILE] if out_dir else sorted(Path("runs").glob(f"*/{CHECKPOINT_FILE}"),
                                                                           key=os.path.getmtime)
     found = [str(path) for path in candidates if path.is_file()]

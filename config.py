@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoint import find_resume_checkpoint, read_checkpoint
-from dataset import detect_layout, has_cityscapes
-from runtime import UserError, parse_size
+from dataset import detect_layout, has_cityscapes, no_dataset_error
+from runtime import UserError, atomic_write, parse_size
 from synthetic_city import read_settings as synthetic_city_settings
 from unet import WEIGHTS_FILE
 
@@ -35,8 +35,8 @@ class TrainConfig:
 
     preset: str = option("cityscapes", "named settings to start from (see the list below); default: the one the "
                          "data calls for", "data")
-    dataset: str = option("cityscapes", "layout of --data_root: cityscapes, camvid, folder (your own data), "
-                          "synthetic, or auto (recognised from its folders)", "data", choices=DATASETS)
+    dataset: str = option("auto", "layout of --data_root: cityscapes, camvid, folder (your own data), synthetic, or "
+                          "auto (recognised from its folders)", "data", choices=DATASETS)
     data_root: str = option("Dataset/cityscapes", "dataset folder; given explicitly it must hold data (with "
                             "--dataset synthetic, a city is generated there if absent)", "data")
     classes: tuple | None = option(None, "class names to train, in index order; quote names with spaces, e.g. "
@@ -100,8 +100,8 @@ class TrainConfig:
                                 "--training_iterations continues a finished run (default: a new run)",
                                 "evaluation, logging and checkpoints")
 
-    num_workers: int = option(min(8, os.cpu_count() or 1), "DataLoader worker processes, min(8, cores) by default",
-                              "system and speed", type=int)
+    num_workers: int = option(min(8, os.cpu_count() or 1), "DataLoader worker processes", "system and speed",
+                              type=int)
     data_cache: str = option("off", "device: keep the whole train split on the device as uint8 tensors and augment "
                              "batches there (same distributions as the loader, not the same pixels); for prepared "
                              "data that fits in device memory", "system and speed", choices=["off", "device"])
@@ -142,7 +142,13 @@ class TrainConfig:
 
     def validate(self):
         """Raise a UserError naming the first flag whose value cannot work."""
-        self.size
+        try:
+            self.size
+        except ValueError as error:
+            raise UserError(f"--image_size: {error}") from None
+        if self.class_weights not in ("none", "auto") and self.class_weight_values is None \
+                and not Path(self.class_weights).is_file():
+            raise UserError(f"--class_weights {self.class_weights}: expected none, auto, or a file of weights")
         low, high = self.scale_range
         rules = [  # (flag, valid, what it must be), stated positively so that NaN, false in any comparison, fails
             *((key, getattr(self, key) >= 1, ">= 1") for key in (
@@ -169,7 +175,7 @@ class TrainConfig:
                 for key, value in dataclasses.asdict(self).items()}
 
     def save(self, path):
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(path, lambda file: file.write((json.dumps(self.to_dict(), indent=2) + "\n").encode()))
 
 
 @dataclass(frozen=True)
@@ -204,8 +210,7 @@ def data_kind(root) -> str:
     """The dataset at root: cityscapes, camvid, folder, or synthetic (a Cityscapes layout the generator made)."""
     kind = detect_layout(root)
     if kind is None:
-        raise UserError(f"{root}: no dataset here (Cityscapes: leftImg8bit/ and gtFine/ with train and val; CamVid: "
-                        f"train/ and trainannot/; your own: classes.txt, images/ and masks/; see Dataset/readme.md)")
+        raise no_dataset_error(root)
     return "synthetic" if kind == "cityscapes" and synthetic_city_settings(root) is not None else kind
 
 
@@ -239,6 +244,8 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
     settings = {**PRESETS[name].settings, "preset": name, **given, "world_size": world_size}
     if given.get("dataset", "auto") == "auto":
         settings["dataset"] = data_kind(given["data_root"]) if "data_root" in given else PRESETS[name].settings["dataset"]
+    elif "data_root" not in given:  # --dataset alone: where that dataset's own preset keeps it
+        settings["data_root"] = PRESETS[given["dataset"]].settings["data_root"]
     if settings["dataset"] == "cityscapes" and not has_cityscapes(settings["data_root"]):
         raise UserError(f"{settings['data_root']}: no Cityscapes here (needs leftImg8bit/ and gtFine/ with train and "
                         f"val; see Dataset/readme.md)")
@@ -248,7 +255,7 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
 
 # what a resumed run cannot change, and why
 RESUME_FIXED = {
-    "base_channels": "its weights have that shape", "depth": "its weights have that shape",
+    "preset": "its settings came from it", "base_channels": "its weights have that shape", "depth": "its weights have that shape",
     "bilinear": "its weights have that shape", "dataset": "its model predicts that data's classes",
     "classes": "its model predicts those classes", "class_weights": "its loss weights stay as they were",
     "ema_decay": "its weight average continues as it was",
@@ -261,6 +268,10 @@ def from_command_line(given, world_size):
     printed first), or, with --resume, the checkpoint's config with the flags on top."""
     resume_path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"))
     if not resume_path:
+        out_dir = Path(given.get("out_dir") or "")
+        if given.get("out_dir") and given.get("resume") != "auto" and (out_dir / "metrics.jsonl").exists():
+            raise UserError(f"{out_dir}: holds a run already; continue it with --resume auto, or choose another "
+                            f"--out_dir")
         config, why = resolve(given, world_size=world_size)
         print(f"preset {config.preset} ({why}); flags given: {' '.join(f'--{key}' for key in given) or 'none'}")
         return config, None
@@ -268,7 +279,7 @@ def from_command_line(given, world_size):
     made_with = {**TrainConfig().to_dict(), **checkpoint["config"]}
     for key, reason in RESUME_FIXED.items():
         wanted = list(given[key]) if isinstance(given.get(key), (list, tuple)) else given.get(key)
-        if key in given and wanted != made_with[key]:
+        if key in given and wanted != made_with[key] and not (key == "dataset" and wanted == "auto"):
             def shown(value):
                 return f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
             trained = "the dataset's default classes" if made_with[key] is None else shown(made_with[key])

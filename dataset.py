@@ -161,9 +161,9 @@ def read_label_png(path, modes=("L",)) -> np.ndarray:
     try:
         with Image.open(path, formats=("PNG",)) as png:
             if png.mode not in modes:
-                expected = " or ".join({"L": "a single-channel 8-bit label PNG (mode L)", "P": "a palette PNG (mode P)",
-                                        "RGB": "an RGB PNG"}[mode] for mode in modes)
-                raise DatasetError(f"{path}: expected {expected}, got mode {png.mode}")
+                kinds = {"L": "a single-channel 8-bit label PNG (mode L)", "P": "a palette PNG (mode P)",
+                         "RGB": "an RGB PNG", "RGBA": "an RGBA PNG"}
+                raise DatasetError(f"{path}: expected {' or '.join(kinds[mode] for mode in modes)}, got mode {png.mode}")
             return np.array(png)
     except DatasetError:
         raise
@@ -333,8 +333,7 @@ class CamVidLayout:
         return read_label_png(path, modes=("L", "P"))
 
     def files_to_prepare(self):
-        return [(path, is_mask) for split in SPLITS if (self.root / split).is_dir()
-                for pair in self.samples(split) for path, is_mask in zip(pair, (False, True)) if path is not None]
+        return paired_files(self, [split for split in SPLITS if (self.root / split).is_dir()])
 
 
 class FolderLayout:
@@ -378,8 +377,13 @@ class FolderLayout:
             words = line.split("#", 1)[0].split()
             if not words:
                 continue
-            color = None
-            if len(words) >= 4 and all(re.fullmatch(r"\d+", word) for word in words[-3:]):
+            color, numbers = None, 0
+            while numbers < len(words) and re.fullmatch(r"\d+", words[-1 - numbers]):
+                numbers += 1
+            if numbers in (1, 2) or numbers == len(words):
+                raise DatasetError(f"{path}, line {number}: {line.split('#')[0].strip()!r}: expected a class name, "
+                                   f"then optionally its colour as three numbers R G B")
+            if numbers:
                 color, words = tuple(int(word) for word in words[-3:]), words[:-3]
                 if max(color) > 255:
                     raise DatasetError(f"{path}, line {number}: colour {color} is not R G B in 0..255")
@@ -427,8 +431,13 @@ class FolderLayout:
         return self.color_values[position]
 
     def files_to_prepare(self):
-        return [(path, is_mask) for split in SPLITS if (self.root / "images" / split).is_dir()
-                for pair in self.samples(split) for path, is_mask in zip(pair, (False, True)) if path is not None]
+        return paired_files(self, [split for split in SPLITS if (self.root / "images" / split).is_dir()])
+
+
+def paired_files(layout, splits):
+    """(path, is_mask) of every image and mask of the splits: what `prepare` converts for a paired layout."""
+    return [(path, is_mask) for split in splits for pair in layout.samples(split)
+            for path, is_mask in zip(pair, (False, True)) if path is not None]
 
 
 def rgb_code(pixels) -> np.ndarray:
@@ -444,6 +453,13 @@ def divmod_rgb(code):
 LAYOUTS = {layout.kind: layout for layout in (CityscapesLayout, CamVidLayout, FolderLayout)}
 
 
+def no_dataset_error(root) -> DatasetError:
+    if not Path(root).is_dir():
+        return DatasetError(f"{root}: dataset root not found")
+    return DatasetError(f"{root}: no dataset here (Cityscapes: leftImg8bit/ and gtFine/; CamVid: train/ and trainannot/; "
+                        f"your own: classes.txt, images/ and masks/; see Dataset/readme.md)")
+
+
 def detect_layout(root) -> str | None:
     """The kind of layout at root (cityscapes, camvid, folder), or None."""
     root = Path(root)
@@ -454,12 +470,9 @@ def open_layout(root, kind="auto", train_id_files=False):
     """The layout at root; kind "auto" recognises it, any other kind forces it."""
     root = Path(root)
     if kind == "auto":
-        if not root.is_dir():
-            raise DatasetError(f"{root}: dataset root not found")
         kind = detect_layout(root)
         if kind is None:
-            raise DatasetError(f"{root}: no dataset here (Cityscapes: leftImg8bit/ and gtFine/; CamVid: train/ and "
-                               f"trainannot/; your own: classes.txt, images/ and masks/; see Dataset/readme.md)")
+            raise no_dataset_error(root)
     if train_id_files and kind != "cityscapes":
         raise DatasetError(f"--train_id_files: {root} is a {kind} dataset; the option is for Cityscapes only")
     return CityscapesLayout(root, train_id_files) if kind == "cityscapes" else LAYOUTS[kind](root)
@@ -474,7 +487,8 @@ def has_cityscapes(root) -> bool:
 
 # ----------------------------------------------------------------------------- the dataset
 
-def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2) -> v2.Compose:
+def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2, mean=MEAN,
+                    std=STD) -> v2.Compose:
     """Joint image/mask pipeline on tv_tensors (masks are resized nearest and never colour-jittered):
     random scale of the training size, random crop back to it (image padded 0, mask IGNORE_INDEX),
     flip, mild jitter; then float conversion and ImageNet normalisation (images only)."""
@@ -492,7 +506,7 @@ def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5,
         ]
         if color_jitter > 0:
             steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 
 
@@ -523,7 +537,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="train", image_size=(512, 256), classes=None, augment=False, layout="auto",
                  use_train_id_files=False, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2,
-                 label_resolution=False):
+                 label_resolution=False, mean=MEAN, std=STD):
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.layout = layout if not isinstance(layout, str) else open_layout(root, layout, use_train_id_files)
@@ -536,7 +550,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.has_labels = all(mask is not None for _, mask in self.samples)
         if augment and not self.has_labels:
             raise DatasetError(f"split {split!r} has no labels, so it cannot be augmented (use it for inference only)")
-        self.transform = build_transform(self.image_size, augment, scale_range, hflip_prob, color_jitter)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = build_transform(self.image_size, augment, scale_range, hflip_prob, color_jitter, mean, std)
 
     def __len__(self):
         return len(self.samples)
@@ -546,7 +561,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if mask is None:
             return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
         if self.label_resolution:
-            return to_model_input(image, self.image_size), mask.long()
+            return to_model_input(image, self.image_size, self.mean, self.std), mask.long()
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
@@ -611,7 +626,8 @@ def prepare_file(job, size: tuple[int, int]):
     else:
         pixels = resize_image(read_image(source), size).permute(1, 2, 0).numpy()
         image_format = Image.registered_extensions().get(target.suffix.lower(), "PNG")
-        write_image_atomically(target, pixels, image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+        options = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(image_format, {})
+        write_image_atomically(target, pixels, image_format, **options)
 
 
 def _is_prepared(path: Path, size: tuple[int, int]) -> bool:
@@ -642,8 +658,9 @@ def prepare(src, dst, size=(512, 256), workers=None, layout="auto") -> tuple[int
     if isinstance(source, FolderLayout):
         dst.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / FolderLayout.CLASSES_FILE, dst / FolderLayout.CLASSES_FILE)
-    for stale_temp in dst.rglob(".*.tmp"):  # left by a killed run
-        stale_temp.unlink()
+    for _, target, _ in jobs:  # what a killed run left of its atomic writes
+        for stale_temp in target.parent.glob(f".{target.name}.*.tmp"):
+            stale_temp.unlink()
     pending = [job for job in jobs if not _is_prepared(job[1], size)]
     convert = partial(prepare_file, size=size)
     workers = min(workers or os.cpu_count(), max(len(pending), 1))
@@ -674,7 +691,7 @@ def main(argv=None):
     prepare_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
 
-    def run(_):
+    def run():
         written, skipped = prepare(args.src, args.dst, args.size, args.workers, args.dataset)
         print(f"{args.dst}: wrote {written} files, skipped {skipped} already prepared")
         return 0

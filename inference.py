@@ -123,15 +123,11 @@ class Segmenter:
                     if scale != 1 else probabilities
         return total / (2 * len(TTA_SCALES[self.tta]))
 
-    def mask(self, scores: torch.Tensor, size) -> torch.Tensor:
-        """(C, h, w) scores -> (H, W) class map at `size` (H, W), on the model's device."""
-        return upsample_argmax(scores, size)
-
     @torch.inference_mode()
     def __call__(self, image, probabilities=False):
         photo = read_photo(image) if isinstance(image, (str, os.PathLike)) else photo_to_rgb(image)
         scores = self.scores(self.model_input(photo)[None])[0]
-        mask = self.mask(scores, photo.shape[:2]).byte().cpu().numpy()
+        mask = upsample_argmax(scores, photo.shape[:2]).byte().cpu().numpy()
         if not probabilities:
             return mask
         upsampled = F.interpolate(scores[None], size=photo.shape[:2], mode="bilinear", align_corners=False)[0]
@@ -159,8 +155,8 @@ class ImageFiles(Dataset):
     """Decodes and resizes one file per item inside DataLoader workers; a file that fails comes back as an
     error string instead of raising, so one bad file never stops the run."""
 
-    def __init__(self, paths, segmenter):
-        self.paths, self.segmenter = paths, segmenter
+    def __init__(self, paths, image_size, mean, std):
+        self.paths, self.image_size, self.mean, self.std = paths, image_size, mean, std
 
     def __len__(self):
         return len(self.paths)
@@ -170,7 +166,8 @@ class ImageFiles(Dataset):
             photo = read_photo(self.paths[index])
         except DatasetError as error:
             return Decoded(index, None, None, describe_failure(self.paths[index], error))
-        return Decoded(index, self.segmenter.model_input(photo), torch.from_numpy(photo.copy()), None)
+        photo = torch.from_numpy(photo.copy())
+        return Decoded(index, to_model_input(photo.permute(2, 0, 1), self.image_size, self.mean, self.std), photo, None)
 
 
 def collate_decoded(samples):
@@ -255,14 +252,14 @@ def write_prediction(photo, mask, output_dir, name, class_table, mask_values, al
                            "JPEG", quality=90)
 
 
-def mask_values(class_table, label_ids):
+def mask_values(class_table, label_ids, flag="--label_ids"):
     """(256,) uint8 look-up table from class index to the value written: the index itself, or with label_ids
     the Cityscapes label id (the official submission format)."""
     table = np.arange(256, dtype=np.uint8)
     if label_ids:
         if class_table.label_ids is None:
-            raise UserError("--label_ids: this model's classes are not Cityscapes classes; label ids exist for "
-                            "Cityscapes only")
+            raise UserError(f"{flag}: this model's classes are not Cityscapes classes; label ids exist for "
+                            f"Cityscapes only")
         table[: class_table.num_classes] = class_table.label_ids
     return table
 
@@ -277,7 +274,7 @@ def predict(args, segmenter):
     values = mask_values(segmenter.class_table, args.label_ids)
     make_output_folder(output_dir)
     names = output_names(paths)
-    loader = DataLoader(ImageFiles(paths, segmenter), batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = DataLoader(ImageFiles(paths, segmenter.image_size, segmenter.mean, segmenter.std), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate_decoded, pin_memory=segmenter.device.type == "cuda")
     skipped, pending = [], []
 
@@ -301,7 +298,7 @@ def predict(args, segmenter):
             if batch["inputs"] is not None:
                 batch_scores = segmenter.scores(batch["inputs"])
                 for index, photo, image_scores in zip(batch["indices"], batch["photos"], batch_scores):
-                    mask = segmenter.mask(image_scores, photo.shape[:2]).byte().cpu().numpy()
+                    mask = upsample_argmax(image_scores, photo.shape[:2]).byte().cpu().numpy()
                     pending.append((index, writer.submit(write_prediction, photo.numpy(), mask, output_dir,
                                                          names[index], segmenter.class_table, values, args.alpha)))
             while len(pending) > 2 * args.batch_size:  # bound the photos and masks held in memory
@@ -325,7 +322,7 @@ def evaluation_split(args, segmenter) -> SegmentationDataset:
         raise UserError(f"{args.checkpoint}: its classes do not fit the {layout.kind} data at {args.data_root} "
                         f"({error})") from None
     dataset = SegmentationDataset(args.data_root, args.split, segmenter.image_size, class_table, layout=layout,
-                                  label_resolution=True)
+                                  label_resolution=True, mean=segmenter.mean, std=segmenter.std)
     if not dataset.has_labels:
         raise UserError(f"split {args.split} of {args.data_root} has no labels to evaluate against")
     return dataset
@@ -355,14 +352,15 @@ def evaluate_split(args, segmenter):
     dataset = evaluation_split(args, segmenter)
     output_dir = Path(args.output)
     make_output_folder(output_dir)
-    label_lut = torch.from_numpy(mask_values(segmenter.class_table, True)) if args.save_label_ids else None
+    label_lut = torch.from_numpy(mask_values(segmenter.class_table, True, "--save_label_ids")) \
+        if args.save_label_ids else None
     loader = DataLoader(Indexed(dataset), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate_indexed, pin_memory=segmenter.device.type == "cuda")
     confusion = ConfusionMatrix(dataset.class_table.num_classes, device=segmenter.device)
     for indices, images, targets in tqdm(loader, desc=f"evaluating {args.split}", unit="batch", disable=None):
         batch_scores = segmenter.scores(images)
         for index, image_scores, target in zip(indices, batch_scores, targets):
-            pred = segmenter.mask(image_scores, target.shape)
+            pred = upsample_argmax(image_scores, target.shape)
             confusion.update(pred[None], target.to(segmenter.device, non_blocking=True)[None])
             if label_lut is not None:
                 write_image_atomically(output_dir / "label_ids" / dataset.samples[index][0].name,
@@ -501,9 +499,6 @@ def parse_args(argv=None):
 
 
 def load_segmenter(args) -> Segmenter:
-    if not Path(args.checkpoint).exists():
-        raise UserError(f"checkpoint {args.checkpoint} not found: train a model first with `python training.py` "
-                        f"(or pass --checkpoint PATH)")
     classes = args.classes or CITYSCAPES_EVAL_NAMES
     return Segmenter(args.checkpoint, args.device, args.amp, args.channels_last, args.image_size, classes, args.tta,
                      num_classes=args.num_classes, base_channels=args.base_channels, depth=args.depth,
@@ -513,7 +508,7 @@ def load_segmenter(args) -> Segmenter:
 def main(argv=None):
     args = parse_args(argv)
 
-    def run(_):
+    def run():
         segmenter = load_segmenter(args)
         if args.export:
             return export_onnx(segmenter, args.export)

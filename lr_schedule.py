@@ -100,7 +100,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
 
-    def run(_):
+    def run():
         plot_schedule(args.out, args.base_lr, args.min_lr, args.warmup_steps, args.decay_factor,
                       args.training_iterations)
         print(f"wrote {args.out}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime import atomic_write
+from runtime import UserError, atomic_write
 
 
 class ConfusionMatrix:
@@ -135,7 +135,14 @@ class MetricsLog:
         """Every complete record; a last line that a kill cut short (no newline yet) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().split("\n")[:-1] if line.strip()]
+        records = []
+        for number, line in enumerate(self.path.read_text().split("\n")[:-1], 1):
+            try:
+                records.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError:
+                raise UserError(f"{self.path}: line {number} is not a JSON record; move the file away to start its "
+                                f"log afresh") from None
+        return records
 
     def append(self, record):
         try:

@@ -15,11 +15,21 @@ from pathlib import Path
 import torch
 
 USAGE_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130
 
 
 class UserError(ValueError):
     """Bad input (a flag, a path, a data file): the message names the file or flag and the problem, and
     the command line prints it as one line. The single-argument form lets a DataLoader worker re-raise it."""
+
+
+class Stopped(Exception):
+    """A command that cannot go on for a reason that is not bad input; run_cli prints the message as it is
+    and exits with exit_code."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def one_line(error: BaseException) -> str:
@@ -33,14 +43,21 @@ def one_line(error: BaseException) -> str:
     return " ".join(message.split())
 
 
-def run_cli(main, argv=None):
-    """Run a script's main(argv); bad input (ValueError, OSError) becomes `error: ...` on stderr and exit
-    status 2. Returns main's own exit status otherwise."""
+def run_cli(command, *args):
+    """command(*args) for a script's main: bad input (ValueError, OSError) becomes `error: ...` on stderr and
+    exit status 2, Stopped its own line and status, Ctrl-C one line and 130. Returns the exit status."""
     try:
-        return main(argv)
+        return command(*args) or 0
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return USAGE_ERROR_EXIT_CODE
+    except Stopped as stopped:
+        if str(stopped):
+            print(stopped, file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -96,7 +113,8 @@ def load_torch_file(path):
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: train a model first with `python training.py`")
+        raise UserError(f"checkpoint {path} not found: train a model first with `python training.py` (or pass "
+                        f"--checkpoint PATH)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     # A file that is not a checkpoint (notes, an image, a truncated download) fails in whatever part of

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
-from runtime import atomic_write, run_cli, size_arg
+from runtime import UserError, atomic_write, run_cli, size_arg
 
 LABEL_ID = {c.name: c.id for c in Cityscapes.classes if c.id >= 0}
 ID_COLORS = np.zeros((256, 3), np.uint8)
@@ -483,8 +483,14 @@ def read_settings(root):
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not a synthetic city's manifest ({error})") from None
+    if not isinstance(settings, dict) or set(settings) != set(settings_for(0, 0)):
+        raise UserError(f"{path}: not a synthetic city's manifest (expected the keys {', '.join(settings_for(0, 0))})")
+    return settings
 
 
 def _claim_folder(out_root, settings):
@@ -541,7 +547,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
 
-    def run(_):
+    def run():
         generate(args.out, args.train, args.val, size=args.size, seed=args.seed, workers=args.workers,
                  num_test=args.test)
         width, height = args.size

@@ -38,24 +38,15 @@ from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, o
 from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import ConfusionMatrix, MetricsLog, format_table, scores
-from runtime import (USAGE_ERROR_EXIT_CODE, UserError, atomic_write, autocast_dtype, one_line, resolve_device,
-                     save_torch_file, use_channels_last)
+from runtime import (INTERRUPTED_EXIT_CODE, Stopped, UserError, atomic_write, autocast_dtype, resolve_device, run_cli,
+                     use_channels_last)
 from unet import UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
 BEST_WEIGHTS_FILE = "best_model.pth"
 SNAPSHOT_IMAGES = 4
-INTERRUPTED_EXIT_CODE = 130
 DATA_WAIT_HINT = 0.25  # share of the time spent waiting for batches above which training says so, once
 SYNTHETIC_SEED = 0  # the synthetic city is data, not a training choice: the same scenes whatever --seed is
-
-
-class TrainingStopped(Exception):
-    """Training cannot go on; main() prints the message as one line and exits with exit_code."""
-
-    def __init__(self, message, exit_code=1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------- setup
@@ -117,9 +108,9 @@ def collate_images_and_masks(samples):
     return torch.stack(images), torch.stack(masks) if same_size else list(masks)
 
 
-def build_data(config, rank, device, start_step):
-    """Train batches (the seeded global stream from start_step on), this rank's val loader, snapshot images;
-    resolves --class_weights, which needs the train masks."""
+def build_data(config, rank, device, samples_seen):
+    """Train batches (the seeded global stream, from the samples_seen-th image on), this rank's val loader,
+    snapshot images; resolves --class_weights, which needs the train masks."""
     root = config.data_root
     if config.dataset == "synthetic":
         if rank == 0:
@@ -139,7 +130,7 @@ def build_data(config, rank, device, start_step):
                      **loader_options(config.num_workers, device, config.seed))
     snapshot_ids = sorted(set(np.linspace(0, len(val_set) - 1, SNAPSHOT_IMAGES).round().astype(int).tolist()))
     snapshot = [torch.stack(tensors) for tensors in zip(*(snapshot_set[i] for i in snapshot_ids))]
-    train = TimedBatches(train_batches(train_set, config, rank, config.world_size, device, start_step))
+    train = TimedBatches(train_batches(train_set, config, rank, config.world_size, device, samples_seen))
     return Data(train, val, snapshot, class_table, len(train_set))
 
 
@@ -172,17 +163,20 @@ def resolve_class_weights(config, train_set, rank):
     if config.class_weights == "none" or config.class_weight_values is not None:
         return
     names = train_set.class_table.names
-    if config.class_weights == "auto":
-        weights = median_frequency_weights(*train_set.class_pixels()).tolist()
+    if config.class_weights == "auto":  # one scan of the masks, on rank 0, shared with the others
+        weights = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
+        if config.world_size > 1:
+            dist.broadcast_object_list(weights)
+        weights = weights[0]
     else:
         try:
             weights = [float(word) for word in Path(config.class_weights).read_text().split()]
         except ValueError:
             raise UserError(f"{config.class_weights}: --class_weights expects a file of numbers, one per class") from None
-        if len(weights) != len(names) or min(weights) < 0 or sum(weights) <= 0:
+        if len(weights) != len(names) or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
             raise UserError(f"{config.class_weights}: {len(weights)} weights for {len(names)} classes; give one number "
                             f">= 0 per class ({', '.join(names)}), not all 0")
-    config.class_weight_values = tuple(round(weight, 4) for weight in weights)
+    config.class_weight_values = tuple(float(f"{weight:.4g}") for weight in weights)
     if rank == 0:
         print("class weights: " + ", ".join(f"{name} {weight:g}" for name, weight in zip(names,
                                                                                         config.class_weight_values)))
@@ -207,12 +201,10 @@ class WeightAverage:
             if not mine.is_floating_point():
                 mine.copy_(theirs)
 
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.updates = state["updates"]
+    def load_state_dict(self, checkpoint):
+        """From a training checkpoint, whose "model" is the average (see save_progress)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.updates = checkpoint["average_updates"]
 
 
 def compiled(module, config):
@@ -282,9 +274,11 @@ def validate(model, loader, loss_fn, num_classes, device, autocast, memory_forma
             break
         with autocast():
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
-        # masks of one size come stacked, scored as a batch; masks of several sizes, one by one
-        for batch_logits, batch_masks in [(logits, masks)] if torch.is_tensor(masks) else \
-                [(image_logits[None], mask[None]) for image_logits, mask in zip(logits, masks)]:
+        if torch.is_tensor(masks) and masks.shape[-2:] == logits.shape[-2:]:
+            pairs = [(logits, masks)]  # labels at the training size: scored as a batch
+        else:  # at the labels' own size, one image at a time: memory stays that of one full-size image
+            pairs = [(image_logits[None], mask[None]) for image_logits, mask in zip(logits, masks)]
+        for batch_logits, batch_masks in pairs:
             batch_masks = batch_masks.to(device, non_blocking=True)
             if batch_masks.shape[-2:] != batch_logits.shape[-2:]:
                 batch_logits = torch.nn.functional.interpolate(batch_logits.float(), size=batch_masks.shape[-2:],
@@ -333,8 +327,12 @@ class TrainLogger:
         self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
         self.interval_steps += 1
 
+    def nonfinite_steps(self) -> int:
+        """Skipped steps so far (a host sync: for checkpoints, not for every step)."""
+        return int(self.nonfinite_total.item())
+
     def record(self, step, lr, grad_norm) -> dict:
-        """The interval's record (a host sync); raises TrainingStopped after --max_nonfinite_steps bad steps."""
+        """The interval's record (a host sync); raises Stopped after --max_nonfinite_steps bad steps."""
         if self.world_size > 1:
             dist.all_reduce(self.loss)
         elapsed = time.perf_counter() - self.start
@@ -344,7 +342,7 @@ class TrainLogger:
         if skipped:
             tqdm.write(f"step {step}: {skipped} step(s) since the last log had non-finite gradients and were skipped")
         if longest_bad_run >= self.max_nonfinite:
-            raise TrainingStopped(f"error: {int(longest_bad_run)} consecutive non-finite steps (at step {step}); "
+            raise Stopped(f"error: {int(longest_bad_run)} consecutive non-finite steps (at step {step}); "
                                   f"lower --base_lr or --grad_clip, or try --amp off")
         record = {"step": step, "epoch": step * self.images_per_step // self.train_images,
                   "train_loss": loss_sum / (finite_steps * self.world_size) if finite_steps else None, "lr": lr,
@@ -429,26 +427,28 @@ class Run:
         """What is evaluated and saved: the weight average with --ema_decay, else the model itself."""
         return self.average.model if self.average else self.model
 
-    def weights(self, model=None):
-        """The weights file's contents for `model`, by default the evaluated one."""
+    def weights_info(self):
+        """What the weights file records beside the weights (unet.weights_dict's arguments)."""
         table = self.data.class_table
-        return weights_dict(model or self.eval_model, table.names, table.colors, self.config.size, MEAN, STD,
-                            self.config.dataset)
+        return dict(class_names=table.names, class_colors=table.colors, image_size=self.config.size, mean=MEAN, std=STD,
+                    dataset=self.config.dataset)
 
 
-def save_progress(run):
-    """The training checkpoint of where the run stands (every rank calls it; rank 0 writes)."""
-    run.progress.samples_seen = run.progress.step * run.config.global_batch
+def save_progress(run, logger):
+    """The training checkpoint of where the run stands (every rank calls it; rank 0 writes). It holds the
+    evaluated weights under "model", as the weights file does; with --ema_decay the trained ones as well."""
+    run.progress.nonfinite_steps = logger.nonfinite_steps()
     run.progress.epoch = run.progress.samples_seen // run.data.train_images
-    extra = {"average": run.average.state_dict()} if run.average else {}  # the trained weights stay in "model"
-    save_checkpoint(run.run_dir / CHECKPOINT_FILE, {**run.weights(run.model), **extra}, run.optimizer, run.scheduler,
-                    run.scaler, run.config, run.progress, run.rank, run.config.world_size)
+    trained = {"trained_model": weights_dict(run.model, **run.weights_info())["model"],
+               "average_updates": run.average.updates} if run.average else {}
+    save_checkpoint(run.run_dir / CHECKPOINT_FILE, {**weights_dict(run.eval_model, **run.weights_info()), **trained},
+                    run.optimizer, run.scheduler, run.scaler, run.config, run.progress, run.rank, run.config.world_size)
 
 
 def start_run(config, checkpoint, rank, local_rank) -> Run:
     """Device, data, model and optimizer, restored from the checkpoint when resuming."""
     device, amp_dtype, memory_format = setup_device(config, local_rank)
-    data = build_data(config, rank, device, checkpoint["step"] if checkpoint else 0)
+    data = build_data(config, rank, device, checkpoint["samples_seen"] if checkpoint else 0)
     model, optimizer, scheduler, scaler = build_training(config, data.class_table.num_classes, device, memory_format,
                                                          amp_dtype)
     loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
@@ -459,7 +459,7 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
     if checkpoint:
         run.progress = restore(checkpoint, model, optimizer, scheduler, scaler, rank, config.world_size)
         if average:
-            average.load_state_dict(checkpoint["average"])
+            average.load_state_dict(checkpoint)
     return run
 
 
@@ -485,21 +485,22 @@ def evaluate(run, max_batches=0, final=False):
              "val_pixels": int(confusion.sum()), "final": final})
         save_snapshot(run.eval_model, run.data.snapshot, table, run.run_dir / "snapshots" / f"step_{step:06d}.png",
                       run.device, run.autocast, run.memory_format)
-        # the first evaluation always saves (its mIoU is NaN when no val pixel is labelled); a later one
-        # replaces a better or an undefined best
+        # whole-split evaluations compete for the best weights: the first always saves (its mIoU is NaN when no
+        # val pixel is labelled), a later one replaces a worse or an undefined best
         best = run.progress.best_miou
-        if run.progress.best_step is None or results["miou"] > best or math.isnan(best):
+        better = run.progress.best_step is None or results["miou"] > best or math.isnan(best)
+        if better and (max_batches == 0 or run.progress.best_step is None):
             run.progress.best_miou, run.progress.best_step = results["miou"], step
-            save_torch_file(run.weights(), run.run_dir / BEST_WEIGHTS_FILE)
+            save_weights(run.run_dir / BEST_WEIGHTS_FILE, run.eval_model, **run.weights_info())
         tqdm.write(f"step {step}: val loss {val_loss:.4f}, mIoU {results['miou']:.4f}, "
                    f"pixel acc {results['pixel_acc']:.4f}")
     return results, confusion
 
 
-def finish(run):
-    """Final evaluation on the whole val split, the last checkpoint, the best weights, plots and the table."""
+def finish(run, logger):
+    """Final evaluation on the whole val split, the best weights, plots, and last the final checkpoint: a kill
+    before it leaves a run that --resume completes."""
     results, confusion = evaluate(run, final=True)
-    save_progress(run)
     if run.rank == 0:
         best = (run.run_dir / BEST_WEIGHTS_FILE).read_bytes()
         atomic_write(run.config.model_path, lambda file: file.write(best))
@@ -508,6 +509,8 @@ def finish(run):
         plot_training_curves(records, run.run_dir / "training_curves.png")
         plot_per_class_iou([r for r in records if "miou" in r][-1], names, run.run_dir / "per_class_iou.png")
         plot_confusion_matrix(confusion, names, run.run_dir / "confusion_matrix.png")
+    save_progress(run, logger)
+    if run.rank == 0:
         print(format_table(results, names))
         print(f"final weights: val mIoU {results['miou']:.4f}; best weights (step {run.progress.best_step}, val mIoU "
               f"{run.progress.best_miou:.4f}) saved to {run.config.model_path}; run folder {run.run_dir}")
@@ -538,13 +541,13 @@ def train(config, checkpoint, rank=0, local_rank=0):
             if run.average:
                 run.average.update(run.model)
             run.progress.step = step = run.progress.step + 1
+            run.progress.samples_seen += config.global_batch
             logger.update(loss, finite)
             bar.update()
 
             log_now = step % config.log_interval == 0 or step == total
             if log_now:
                 record = logger.record(step, lr, grad_norm)
-                run.progress.nonfinite_steps = record["nonfinite_steps"]
                 if rank == 0:
                     metrics.append(record)
                     bar.set_postfix(loss=f"{record['train_loss'] or math.nan:.4f}", lr=f"{lr:.2e}",
@@ -552,26 +555,27 @@ def train(config, checkpoint, rank=0, local_rank=0):
             if step % config.eval_interval == 0 and step < total:
                 evaluate(run, config.eval_iterations)
             if step % config.save_model_interval == 0 and step < total:
-                save_progress(run)
+                save_progress(run, logger)
             # a checkpoint at the last step would read as a finished run, so the last step just finishes. Under
             # DDP, agreeing to stop is a collective that waits for the GPU, so ranks agree at log steps only.
             if step < total and (config.world_size == 1 or log_now) and stop.agreed(run.device):
-                save_progress(run)
-                raise TrainingStopped(f"interrupted at step {step}; checkpoint saved to {run.run_dir / CHECKPOINT_FILE};"
-                                      f" continue with --resume {run.run_dir / CHECKPOINT_FILE}", INTERRUPTED_EXIT_CODE)
+                save_progress(run, logger)
+                raise Stopped(f"interrupted at step {step}; checkpoint saved to {run.run_dir / CHECKPOINT_FILE}; "
+                              f"continue with --resume {run.run_dir / CHECKPOINT_FILE}", INTERRUPTED_EXIT_CODE)
+        bar.close()
+        finish(run, logger)
     except torch.OutOfMemoryError:
-        raise TrainingStopped(f"error: out of GPU memory at --batch_size {config.batch_size}; try --batch_size "
-                              f"{max(config.batch_size // 2, 1)} --accum_steps {config.accum_steps * 2} (same images "
-                              f"per step)") from None
+        raise Stopped(f"error: out of GPU memory at --batch_size {config.batch_size}; try --batch_size "
+                      f"{max(config.batch_size // 2, 1)} --accum_steps {config.accum_steps * 2} (same images per "
+                      f"step)") from None
     finally:
         stop.restore()
         bar.close()
-    finish(run)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None):
+def run_training(argv):
     args = build_parser(__doc__).parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank != 0:
@@ -581,20 +585,23 @@ def main(argv=None):
         if checkpoint and checkpoint["step"] >= config.training_iterations:
             print(f"{config.resume}: already complete ({checkpoint['step']} steps); raise --training_iterations to "
                   f"train further")
-            return
+            return 0
         train(config, checkpoint, rank, int(os.environ.get("LOCAL_RANK", 0)))
-    except (ValueError, OSError) as error:  # bad data, flags or paths, also when a DataLoader worker hit it
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(USAGE_ERROR_EXIT_CODE)
-    except TrainingStopped as stopped:
-        print(stopped, file=sys.stderr)
-        sys.exit(stopped.exit_code)
     except FloatingPointError as error:  # non-finite weights, never saved
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        raise Stopped(f"error: {error}") from None
+    except Stopped as stopped:  # every rank stops at the same step for the same reason: rank 0 says it
+        raise stopped if rank == 0 else Stopped("", stopped.exit_code) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    """Errors (bad data, flags or paths, also when a DataLoader worker hit them) end in one line and an exit
+    status: 2 for bad input, 1 for a run that cannot go on, 130 when interrupted."""
+    status = run_cli(run_training, argv)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

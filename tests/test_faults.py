@@ -150,3 +150,23 @@ def test_a_checkpoint_that_does_not_fit_the_flags_is_one_line(city, tmp_path, ca
     assert (f"{run_dir / 'checkpoint.pt'} was written by torch 2.11.0+cu130, this is torch {torch.__version__}"
             in capsys.readouterr().out)
     assert load(run_dir / "checkpoint.pt")["step"] == 3
+
+
+def test_a_new_run_never_overwrites_an_old_one_and_a_run_folder_resumes(city, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(city, run_dir, "--training_iterations", "2")
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train(city, run_dir, "--training_iterations", "2")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {run_dir}: holds a run already; continue it with --resume auto, or "
+                                       f"choose another --out_dir\n")
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    training.main(["--resume", str(run_dir), "--training_iterations", "3"])  # the folder names its checkpoint
+    assert load(run_dir / "checkpoint.pt")["step"] == 3
+    (run_dir / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit):
+        training.main(["--resume", str(run_dir), "--training_iterations", "4"])
+    assert capsys.readouterr().err.endswith(f"error: {run_dir / 'metrics.jsonl'}: line 1 is not a JSON record; move "
+                                            f"the file away to start its log afresh\n")

@@ -74,7 +74,8 @@ def test_classes_txt_names_with_spaces_comments_optional_colours_and_void(tmp_pa
     assert len(set(colors) | {void}) == 5  # default colours differ from the given ones and from each other
     for text, problem in (("road\nroad\n", "class 'road' is listed twice"), ("# nothing\n", "no classes"),
                           ("road 1 2 3\nsky 1 2 3\n", "colour (1, 2, 3) is given to two entries"),
-                          ("road 300 0 0\n", "line 1: colour (300, 0, 0) is not R G B")):
+                          ("road 300 0 0\n", "line 1: colour (300, 0, 0) is not R G B"),
+                          ("sky 70 130\n", "line 1: 'sky 70 130': expected a class name, then optionally its colour")):
         path.write_text(text)
         with pytest.raises(DatasetError) as error_info:
             FolderLayout.read_classes(path)
