@@ -1,6 +1,6 @@
 """The seed's training loss, `CrossEntropy + Dice`, with ignore_index honoured by both terms.
 
-Both terms are computed in float32 even under autocast: softmax sums over 19 classes and the
+Both terms are computed in float32 even under autocast: softmax sums over the classes and the
 Dice sums over every pixel of the batch, both too lossy in bf16/fp16. Everything is built from
 a masked one-hot target, so there is no host sync (no .item(), no boolean indexing) and an
 all-ignored batch gives loss 0 with zero gradients instead of F.cross_entropy's NaN.
