@@ -5,6 +5,7 @@ It sits at the bottom of the import graph (it imports only torch), so every othe
 """
 import argparse
 import contextlib
+import ctypes
 import io
 import os
 import pickle
@@ -148,6 +149,22 @@ def resolve_device(name="auto", local_rank=0) -> torch.device:
             raise UserError(f"--device {name}: no CUDA device available")
         torch.cuda.set_device(device)
     return device
+
+
+GLIBC_DEFAULT_MMAP_MAX = 65536  # mallopt parameters and glibc's defaults
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory(keep=True) -> bool:
+    """glibc: keep freed memory in the process (keep=True) or return it to the kernel (glibc's default). By
+    default every allocation above 32 MB gets a fresh mmap, so each CPU training step page-faults its large
+    activations in anew and the kernel zeroes them; kept, they are reused. True when glibc took the setting."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to tune
+        return False
+    mmap_max, trim_threshold = (0, 2**30) if keep else (GLIBC_DEFAULT_MMAP_MAX, 128 * 2**10)
+    return bool(libc.mallopt(M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
 def cpu_has_native_bf16() -> bool:

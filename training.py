@@ -38,8 +38,8 @@ from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, o
 from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import ConfusionMatrix, MetricsLog, format_table, scores
-from runtime import (INTERRUPTED_EXIT_CODE, Stopped, UserError, atomic_write, autocast_dtype, resolve_device, run_cli,
-                     use_channels_last)
+from runtime import (INTERRUPTED_EXIT_CODE, Stopped, UserError, atomic_write, autocast_dtype, keep_freed_memory,
+                     resolve_device, run_cli, use_channels_last)
 from unet import UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
@@ -54,6 +54,8 @@ SYNTHETIC_SEED = 0  # the synthetic city is data, not a training choice: the sam
 def setup_device(config, local_rank):
     """Device, process group and backend flags -> (device, autocast dtype or None, memory format)."""
     device = resolve_device(config.device, local_rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # the step's large activations are reused instead of page-faulted in anew
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark and not config.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32

@@ -11,6 +11,8 @@ Rows (CUDA-only switches are left out on the CPU, where training.py does not use
 - channels_last on/off:  the other memory format than --channels_last auto picks on this device
 - host sync every step:  `.item()` on each step's loss, as tutorial loops do: the host then waits for
                          the GPU instead of queueing the next step (visible with --steps_per_call > 1)
+- freed memory returned: glibc's default malloc (CPU only), which returns large blocks to the kernel, so
+                         every step page-faults its activations in anew; training.py keeps them
 - compile:               --compile, torch.compile of model and loss (with --compile only: it takes minutes)
 cudnn.benchmark has no row: cuDNN's plan cache is keyed without it, so in one process an "off" row
 would reuse the plans the defaults row benchmarked; `bench/train_step.py --cudnn_benchmark off`
@@ -24,16 +26,18 @@ import torch
 
 from bench import harness
 from bench.train_step import build_step, training_flops
-from runtime import resolve_device, use_channels_last
+from runtime import keep_freed_memory, resolve_device, use_channels_last
 
 
-def candidate(options, steps_per_call, tf32=True, host_sync=False):
-    """A callable running `steps_per_call` training steps under its own TF32 switch (process-wide, so
-    each call sets it before it runs)."""
+def candidate(options, steps_per_call, tf32=True, host_sync=False, keep_memory=True):
+    """A callable running `steps_per_call` training steps under its own TF32 and glibc malloc settings
+    (process-wide, so each call sets them before it runs)."""
     step = build_step("ours", options)
 
     def run():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        if options["device"] == "cpu":
+            keep_freed_memory(keep_memory)
         for _ in range(steps_per_call):
             loss = step()
             if host_sync:
@@ -51,6 +55,8 @@ def candidates(options, device, steps_per_call, with_compile):
     flipped = "off" if use_channels_last("auto", device, training=True) else "on"
     rows[f"channels_last {flipped}"] = candidate({**options, "channels_last": flipped}, steps_per_call)
     rows["host sync every step"] = candidate(options, steps_per_call, host_sync=True)
+    if device.type == "cpu":
+        rows["freed memory returned (glibc default)"] = candidate(options, steps_per_call, keep_memory=False)
     if with_compile:
         rows["compile"] = candidate({**options, "compile": True}, steps_per_call)
     return rows
