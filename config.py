@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,8 +294,10 @@ def presets_help() -> str:
     """The --help epilog: every preset, what it is for and what it sets."""
     lines = ["presets (--preset NAME; without it the data decides):"]
     for name, preset in PRESETS.items():
-        settings = ", ".join(f"{key}={value}" for key, value in preset.settings.items())
-        lines.append(f"  {name}: {preset.description}\n      sets {settings}")
+        settings = ", ".join(f"{key}={' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+                             for key, value in preset.settings.items())
+        lines += [f"  {name}: {preset.description}", *textwrap.wrap(f"sets {settings}", 100, initial_indent=" " * 6,
+                                                                     subsequent_indent=" " * 6)]
     return "\n".join(lines)
 
 
