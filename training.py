@@ -72,14 +72,19 @@ def setup_device(config, local_rank):
 
 
 def init_distributed(backend, timeout):
-    """The default process group, its keys in a namespace of this torchrun round. torchrun keeps one store for all
-    its restarts, so a restarted round could otherwise read the killed round's addresses and fail to connect, or
-    wait on them forever; `timeout` bounds every wait, so a round that cannot form fails and torchrun retries."""
+    """The default process group; `timeout` bounds every wait, so a round that cannot form fails and torchrun
+    retries. On one node torchrun keeps one store for all its restarts, so a restarted round could read the killed
+    round's addresses and fail to connect, or wait on them forever: the keys go in a namespace of this round. Each
+    node's agent counts its own restarts, so on several nodes that count is no shared round name: there, torchrun
+    must give each round a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README's command sets)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
-    round_name = f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}_world_{world_size}"
-    dist.init_process_group(backend, store=dist.PrefixStore(round_name, store), rank=rank, world_size=world_size,
-                            timeout=timeout)
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) == 1:
+        store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    elif os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and rank == 0:
+        print("warning: several nodes share torchrun's store across restarts; start torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted round cannot meet the previous round's keys")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def prepare_synthetic_city(root, num_train, num_val, size):

@@ -4,6 +4,8 @@ or the flag, never in a hang, and never costs the last good checkpoint."""
 import errno
 import json
 import os
+import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -52,6 +54,32 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_never_k
         assert killed and code == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
         assert restarts.same_weights(tmp_path / name, tmp_path / "reference")
         assert restarts.logged_steps(tmp_path / name) == list(range(1, restarts.STEPS + 1))
+
+
+@pytest.mark.parametrize("nodes, fresh_store, namespace, warns", [("1", None, "restart_3/", False),
+                                                                  ("2", None, "", True), ("2", "1", "", False)])
+def test_restart_rounds_get_their_own_keys_on_one_node_and_a_fresh_store_on_several(monkeypatch, capsys, nodes,
+                                                                                  fresh_store, namespace, warns):
+    """One node: keys under the restart count; several nodes (whose agents count restarts apart): no namespace,
+    and a warning unless torchrun gives every round a fresh store."""
+    seen = {}
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, store, **kwargs: seen.update(store=store))
+    environment = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                   "TORCHELASTIC_RESTART_COUNT": "3", "GROUP_WORLD_SIZE": nodes}
+    for key, value in {**environment, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": fresh_store}.items():
+        monkeypatch.setenv(key, value) if value is not None else monkeypatch.delenv(key, raising=False)
+    training.init_distributed("gloo", timedelta(seconds=30))
+    store = seen["store"]
+    store.set("key", "value")
+    underlying = store.underlying_store if isinstance(store, torch.distributed.PrefixStore) else store
+    assert underlying.get(namespace + "key") == b"value"
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().out) == warns
+
+
+def free_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
 
 
 def fail_writes_of(monkeypatch, name, after=0):
