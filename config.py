@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from checkpoint import find_resume_checkpoint, read_checkpoint
 from dataset import detect_layout, has_cityscapes, no_dataset_error
 from runtime import UserError, atomic_write, parse_size
@@ -183,6 +185,7 @@ class TrainConfig:
 class Preset:
     description: str
     settings: dict
+    on_gpu: dict = field(default_factory=dict)  # what changes when a new run's device is a GPU
 
 
 SYNTHETIC_ROOT = "Dataset/synthetic"
@@ -199,12 +202,16 @@ PRESETS = {
                              save_model_interval=300, num_workers=1)),
 }
 # Real street photos at CamVid's scale (a few hundred 480x360 images): a run that fits 30 minutes of a 2-core CPU.
-REAL_PHOTOS = dict(image_size="240x180", base_channels=32, depth=4, batch_size=8, accum_steps=1,
-                   training_iterations=1100, eval_interval=275, save_model_interval=275, num_workers=1)
+REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, batch_size=8, accum_steps=1,
+                   training_iterations=1100, eval_interval=275, save_model_interval=275, num_workers=1,
+                   class_weights="auto", decay_factor=1e-2, ema_decay=0.995)
+# A GPU affords CamVid's full 480x360, a wider model and about 130 epochs, as the published results train.
+REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, training_iterations=6000, eval_interval=500,
+                          save_model_interval=500, decay_factor=2e-3, ema_decay=0.999, num_workers=6)
 PRESETS["camvid"] = Preset("CamVid as the SegNet tutorial distributes it (11 classes): a 30-minute run on a 2-core CPU",
-                           dict(dataset="camvid", data_root="Dataset/CamVid", **REAL_PHOTOS))
+                           dict(dataset="camvid", data_root="Dataset/CamVid", **REAL_PHOTOS), REAL_PHOTOS_ON_GPU)
 PRESETS["folder"] = Preset("your own photos in the folder layout: the camvid preset's recipe",
-                           dict(dataset="folder", data_root="Dataset/own", **REAL_PHOTOS))
+                           dict(dataset="folder", data_root="Dataset/own", **REAL_PHOTOS), REAL_PHOTOS_ON_GPU)
 
 
 def data_kind(root) -> str:
@@ -229,6 +236,10 @@ def preset_for_data(given) -> tuple[str, str]:
     return "synthetic", f"no Cityscapes at {cityscapes_root}; see Dataset/readme.md for the real data"
 
 
+def runs_on_gpu(device) -> bool:
+    return device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+
+
 def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainConfig, str]:
     """(config, what chose its preset) from the flags given explicitly and, when resuming, the checkpoint's
     config (its preset and settings carry over). The dataset's layout is --dataset's, else the one found at
@@ -242,7 +253,11 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
     name, why = (given["preset"], "--preset") if given.get("preset") else preset_for_data(given)
     if name not in PRESETS:
         raise UserError(f"--preset {name}: no such preset; choose one of {', '.join(PRESETS)}")
-    settings = {**PRESETS[name].settings, "preset": name, **given, "world_size": world_size}
+    preset = PRESETS[name]
+    if preset.on_gpu and runs_on_gpu(given.get("device", "auto")):
+        preset = Preset(preset.description, {**preset.settings, **preset.on_gpu})
+        why += "; on a GPU: " + " ".join(f"--{key} {value}" for key, value in PRESETS[name].on_gpu.items())
+    settings = {**preset.settings, "preset": name, **given, "world_size": world_size}
     if given.get("dataset", "auto") == "auto":
         settings["dataset"] = data_kind(given["data_root"]) if "data_root" in given else PRESETS[name].settings["dataset"]
     elif "data_root" not in given:  # --dataset alone: where that dataset's own preset keeps it
@@ -298,6 +313,9 @@ def presets_help() -> str:
                              for key, value in preset.settings.items())
         lines += [f"  {name}: {preset.description}", *textwrap.wrap(f"sets {settings}", 100, initial_indent=" " * 6,
                                                                      subsequent_indent=" " * 6)]
+        if preset.on_gpu:
+            on_gpu = ", ".join(f"{key}={value}" for key, value in preset.on_gpu.items())
+            lines += textwrap.wrap(f"on a GPU: {on_gpu}", 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -330,6 +348,7 @@ def default_note(config_field) -> str:
     note = f"default: {shown(config_field.default)}"
     for name, preset in PRESETS.items():
         value = preset.settings.get(config_field.name, config_field.default)
-        if value != config_field.default:
-            note += f"; {name}: {shown(value)}"
+        on_gpu = preset.on_gpu.get(config_field.name, value)
+        if value != config_field.default or on_gpu != value:
+            note += f"; {name}: {shown(value)}" + (f" ({shown(on_gpu)} on a GPU)" if on_gpu != value else "")
     return note

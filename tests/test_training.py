@@ -24,6 +24,7 @@ import batches
 import synthetic_city
 import training
 import visualize
+import config as config_module
 from config import PRESETS, TrainConfig
 from dataset import SegmentationDataset
 from losses import CEDiceLoss, median_frequency_weights
@@ -217,6 +218,20 @@ def test_the_chosen_preset_and_why_come_first(city, tmp_path, capsys):
     # the demo's recipe on the data at --data_root, recognised as Cityscapes
     assert (config["preset"], config["dataset"], config["base_lr"]) == ("synthetic", "cityscapes", DEMO["base_lr"])
     assert config["base_channels"] == 4  # the flag, not the preset's 16
+
+
+def test_the_camvid_preset_trains_at_full_size_on_a_gpu(make_camvid, monkeypatch):
+    """A new run on a GPU takes the preset's GPU settings (said in why); on the CPU, or with flags, it does not."""
+    root = str(make_camvid())
+    monkeypatch.setattr(config_module.torch.cuda, "is_available", lambda: True)
+    on_gpu, why = config_module.resolve({"data_root": root})
+    assert (on_gpu.image_size, on_gpu.base_channels, on_gpu.depth) == ("480x360", 32, 5)
+    assert on_gpu.training_iterations == PRESETS["camvid"].on_gpu["training_iterations"]
+    assert why.startswith(f"camvid data at {root}; on a GPU: --image_size 480x360 ")
+    flagged, _ = config_module.resolve({"data_root": root, "image_size": "320x240"})
+    assert (flagged.image_size, flagged.base_channels) == ("320x240", 32)
+    on_cpu, why = config_module.resolve({"data_root": root, "device": "cpu"})
+    assert (on_cpu.image_size, on_cpu.base_channels, why) == ("240x180", 16, f"camvid data at {root}")
 
 
 def test_a_synthetic_city_at_data_root_trains_the_demo_as_it_is(tmp_path, monkeypatch, capsys):
