@@ -2,8 +2,10 @@
 machine, then scored by `python inference.py --evaluate` (val split, the labels' full 480x360 resolution):
 minutes, val mIoU and per-class IoU in one table.
 
-    python -m bench.quality --data_root ../shared/camvid                  # the three variants, ~1.5 h on 2 cores
+    python -m bench.quality --data_root ../shared/camvid                  # the three variants, ~2 h on 2 cores
     python -m bench.quality --data_root ../shared/camvid --variants camvid --record
+    python -m bench.quality --data_root ../shared/camvid --record --extra --training_iterations 275 \
+        --eval_interval 275 --save_model_interval 275                     # a quarter of every budget
 
 Variants:
 - seed:     the seed's recipe: CE + Dice, no augmentation, no class weights, its schedule (warmup 100, decay
