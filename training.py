@@ -165,14 +165,13 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
 
 
 def resolve_class_weights(config, train_set, rank):
-    """config.class_weight_values from --class_weights, computed once (auto: the square root of median-frequency
-    balancing of the train masks, which full balancing overshoots on CamVid, see bench/README.md; a file: one number
-    per class) and kept in the config, so a resume uses the same weights."""
+    """config.class_weight_values from --class_weights, computed once (auto: median-frequency balancing of the train
+    masks; a file: one number per class) and kept in the config, so a resume uses the same weights."""
     if config.class_weights == "none" or config.class_weight_values is not None:
         return
     names = train_set.class_table.names
     if config.class_weights == "auto":  # one scan of the masks, on rank 0, shared with the others
-        weights = [median_frequency_weights(*train_set.class_pixels()).sqrt().tolist() if rank == 0 else None]
+        weights = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
         if config.world_size > 1:
             dist.broadcast_object_list(weights)
         weights = weights[0]
