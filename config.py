@@ -62,9 +62,9 @@ class TrainConfig:
     sync_bn: bool = option(False, "DDP on GPUs: BatchNorm statistics over all ranks' micro-batches", "model and loss",
                            **SWITCH)
     class_weights: str = option("none", "per-class loss weights in the CE and Dice terms: none, auto = median-frequency "
-                                "balancing, computed once from the train masks (rare classes "
-                                "weigh more), or a file with one number per class; the weights used are stored in "
-                                "config.json and the checkpoint", "model and loss")
+                                "balancing computed once from the train masks (rare classes weigh more), or a file "
+                                "with one number per class; the weights used are stored in config.json and the "
+                                "checkpoint", "model and loss")
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
 
@@ -237,6 +237,7 @@ def preset_for_data(given) -> tuple[str, str]:
 
 
 def runs_on_gpu(device) -> bool:
+    """Whether --device (auto, cpu, cuda, cuda:1, ...) will train on a GPU here."""
     return device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
 
 
