@@ -426,7 +426,7 @@ def export_onnx(segmenter, path):
 
 def build_parser():
     """Every flag's help ends with its default, or with what happens when the flag is not given."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", default=WEIGHTS_FILE,
                         help="weights file of training.py (or its checkpoint.pt, or a bare state_dict) "
                              "(default: %(default)s)")

@@ -81,7 +81,8 @@ def init_distributed(backend, timeout):
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
     if int(os.environ.get("GROUP_WORLD_SIZE", 1)) == 1:
         store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-    elif os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and rank == 0:
+    elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and rank == 0 \
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         print("warning: several nodes share torchrun's store across restarts; start torchrun with "
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted round cannot meet the previous round's keys")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

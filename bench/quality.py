@@ -2,7 +2,7 @@
 machine, then scored by `python inference.py --evaluate` (val split, the labels' full 480x360 resolution):
 minutes, val mIoU and per-class IoU in one table.
 
-    python -m bench.quality --data_root ../shared/camvid                  # the three variants, ~2 h on 2 cores
+    python -m bench.quality --data_root ../shared/camvid                  # the three variants, ~3 h on 2 cores
     python -m bench.quality --data_root ../shared/camvid --variants camvid --record
     python -m bench.quality --data_root ../shared/camvid --record --extra --training_iterations 275 \
         --eval_interval 275 --save_model_interval 275                     # a quarter of every budget
@@ -11,7 +11,7 @@ Variants:
 - seed:     the seed's recipe: CE + Dice, no augmentation, no class weights, its schedule (warmup 100, decay
             3e-3), at the size and step count of `defaults`
 - defaults: the project's defaults before the camvid preset, adapted to CamVid as a new user would (240x180,
-            base 32, depth 4, batch 8, 1100 steps: about 30 minutes on a 2-core CPU)
+            base 32, depth 4, batch 8, 1100 steps: 30 minutes on an AVX-512 CPU, over an hour on an AVX2 one)
 - camvid:   `python training.py --data_root CAMVID`, i.e. the camvid preset, no other flag
 """
 import argparse

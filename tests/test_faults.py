@@ -61,11 +61,11 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_never_k
 def test_restart_rounds_get_their_own_keys_on_one_node_and_a_fresh_store_on_several(monkeypatch, capsys, nodes,
                                                                                   fresh_store, namespace, warns):
     """One node: keys under the restart count; several nodes (whose agents count restarts apart): no namespace,
-    and a warning unless torchrun gives every round a fresh store."""
+    and, when restarts are allowed, a warning unless torchrun gives every round a fresh store."""
     seen = {}
     monkeypatch.setattr(training.dist, "init_process_group", lambda backend, store, **kwargs: seen.update(store=store))
     environment = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                   "TORCHELASTIC_RESTART_COUNT": "3", "GROUP_WORLD_SIZE": nodes}
+                   "TORCHELASTIC_RESTART_COUNT": "3", "TORCHELASTIC_MAX_RESTARTS": "3", "GROUP_WORLD_SIZE": nodes}
     for key, value in {**environment, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": fresh_store}.items():
         monkeypatch.setenv(key, value) if value is not None else monkeypatch.delenv(key, raising=False)
     training.init_distributed("gloo", timedelta(seconds=30))
