@@ -255,10 +255,10 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
     if name not in PRESETS:
         raise UserError(f"--preset {name}: no such preset; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    if preset.on_gpu and runs_on_gpu(given.get("device", "auto")):
-        preset = Preset(preset.description, {**preset.settings, **preset.on_gpu})
-        why += "; on a GPU: " + " ".join(f"--{key} {value}" for key, value in PRESETS[name].on_gpu.items())
-    settings = {**preset.settings, "preset": name, **given, "world_size": world_size}
+    on_gpu = preset.on_gpu if preset.on_gpu and runs_on_gpu(given.get("device", "auto")) else {}
+    if on_gpu:
+        why += "; on a GPU: " + " ".join(f"--{key} {value}" for key, value in on_gpu.items())
+    settings = {**preset.settings, **on_gpu, "preset": name, **given, "world_size": world_size}
     if given.get("dataset", "auto") == "auto":
         settings["dataset"] = data_kind(given["data_root"]) if "data_root" in given else PRESETS[name].settings["dataset"]
     elif "data_root" not in given:  # --dataset alone: where that dataset's own preset keeps it
