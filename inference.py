@@ -274,8 +274,9 @@ def predict(args, segmenter):
     values = mask_values(segmenter.class_table, args.label_ids)
     make_output_folder(output_dir)
     names = output_names(paths)
-    loader = DataLoader(ImageFiles(paths, segmenter.image_size, segmenter.mean, segmenter.std), batch_size=args.batch_size, num_workers=args.num_workers,
-                        collate_fn=collate_decoded, pin_memory=segmenter.device.type == "cuda")
+    files = ImageFiles(paths, segmenter.image_size, segmenter.mean, segmenter.std)
+    loader = DataLoader(files, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_decoded,
+                        pin_memory=segmenter.device.type == "cuda")
     skipped, pending = [], []
 
     def skip(index, reason):

@@ -351,7 +351,7 @@ class TrainLogger:
             tqdm.write(f"step {step}: {skipped} step(s) since the last log had non-finite gradients and were skipped")
         if longest_bad_run >= self.max_nonfinite:
             raise Stopped(f"error: {int(longest_bad_run)} consecutive non-finite steps (at step {step}); "
-                                  f"lower --base_lr or --grad_clip, or try --amp off")
+                          f"lower --base_lr or --grad_clip, or try --amp off")
         record = {"step": step, "epoch": step * self.images_per_step // self.train_images,
                   "train_loss": loss_sum / (finite_steps * self.world_size) if finite_steps else None, "lr": lr,
                   "grad_norm": norm, "img_per_s": self.interval_steps * self.images_per_step / elapsed,
