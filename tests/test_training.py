@@ -227,11 +227,13 @@ def test_the_camvid_preset_trains_at_full_size_on_a_gpu(make_camvid, monkeypatch
     on_gpu, why = config_module.resolve({"data_root": root})
     assert (on_gpu.image_size, on_gpu.base_channels, on_gpu.depth) == ("480x360", 32, 5)
     assert on_gpu.training_iterations == PRESETS["camvid"].on_gpu["training_iterations"]
+    assert (on_gpu.scale_range, on_gpu.color_jitter) == ((0.5, 2.0), 0.2)  # a long run gets augmentation back
     assert why.startswith(f"camvid data at {root}; on a GPU: --image_size 480x360 ")
     flagged, _ = config_module.resolve({"data_root": root, "image_size": "320x240"})
     assert (flagged.image_size, flagged.base_channels) == ("320x240", 32)
     on_cpu, why = config_module.resolve({"data_root": root, "device": "cpu"})
     assert (on_cpu.image_size, on_cpu.base_channels, why) == ("240x180", 16, f"camvid data at {root}")
+    assert (on_cpu.scale_range, on_cpu.color_jitter, on_cpu.hflip_prob) == ((1.0, 1.0), 0.0, 0.5)  # flips only
 
 
 def test_a_synthetic_city_at_data_root_trains_the_demo_as_it_is(tmp_path, monkeypatch, capsys):
