@@ -61,10 +61,10 @@ class TrainConfig:
     bilinear: bool = option(False, "bilinear upsampling instead of transposed convs", "model and loss", **SWITCH)
     sync_bn: bool = option(False, "DDP on GPUs: BatchNorm statistics over all ranks' micro-batches", "model and loss",
                            **SWITCH)
-    class_weights: str = option("none", "per-class loss weights in the CE and Dice terms: none, auto = median-frequency "
-                                "balancing computed once from the train masks (rare classes weigh more), or a file "
-                                "with one number per class; the weights used are stored in config.json and the "
-                                "checkpoint", "model and loss")
+    class_weights: str = option("none", "per-class weights of the CE term (the Dice term already gives every class "
+                                "the same say): none, auto = median-frequency balancing computed once from the train "
+                                "masks (rare classes weigh more), or a file with one number per class; the weights "
+                                "used are stored in config.json and the checkpoint", "model and loss")
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
 

@@ -23,7 +23,9 @@ class CEDiceLoss(nn.Module):
     Dice is the soft multi-class Dice on softmax probabilities p against the one-hot target g,
     summed over the whole batch (all of N, H, W) per class c:
         dice_c = (2 * sum(p_c * g_c) + smooth) / (sum(p_c) + sum(g_c) + smooth)
-    and the Dice loss is 1 - mean_c(dice_c), the mean weighted by class_weights when given.
+    and the Dice loss is 1 - mean_c(dice_c), an unweighted mean: it already gives every class the same
+    say whatever its size, so class_weights weigh the CE term only (weighting both let the rare classes
+    swamp the large ones: bench/README.md, CamVid recipe).
     p and g are both zeroed at ignored pixels, so those count in neither numerator nor
     denominator. `smooth` keeps dice_c defined (= 1, i.e. no loss) for a class that is neither
     present nor predicted, and softens the gradient of rare classes.
@@ -75,7 +77,7 @@ class CEDiceLoss(nn.Module):
             intersection = (probs * onehot).sum((0, 2, 3))
             cardinality = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
             dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
-            dice_loss = 1 - (class_weights * dice).sum() / class_weights.sum()
+            dice_loss = 1 - dice.mean()
             return self.ce_weight * ce + self.dice_weight * dice_loss
 
 

@@ -35,8 +35,9 @@ def test_hand_computed_dice_ignores_third_pixel():
     loss = CEDiceLoss(2, ce_weight=0.0, smooth=1.0)(logits, target)
     assert loss.item() == pytest.approx(1 - (dice0 + dice1) / 2, abs=1e-6)
 
+    # class weights weigh the CE term only: the Dice term is the plain class mean whatever they are
     weighted = CEDiceLoss(2, ce_weight=0.0, class_weights=[3.0, 1.0])(logits, target)
-    assert weighted.item() == pytest.approx(1 - (3 * dice0 + dice1) / 4, abs=1e-6)
+    assert weighted.item() == pytest.approx(1 - (dice0 + dice1) / 2, abs=1e-6)
 
 
 def test_hand_computed_ce_and_sum():
