@@ -67,6 +67,10 @@ class TrainConfig:
                                 "used are stored in config.json and the checkpoint", "model and loss")
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
+    ohem_threshold: float = option(0.0, "online hard example mining: the CE term averages only over the pixels whose "
+                                   "predicted probability of their own class is at most this (mmsegmentation uses "
+                                   "0.7), and at least the hardest tenth of the batch; 0 = every pixel",
+                                   "model and loss", type=float)
 
     batch_size: int = option(8, "images per micro-batch and process", "optimisation", type=int)
     accum_steps: int = option(2, "micro-batches per optimizer step (gradient accumulation)", "optimisation", type=int)
@@ -164,6 +168,7 @@ class TrainConfig:
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("hflip_prob", 0 <= self.hflip_prob <= 1, "in [0, 1]"),
+            ("ohem_threshold", 0 <= self.ohem_threshold <= 1, "in [0, 1]"),
             ("base_lr", self.base_lr > 0, "> 0"),
             ("min_lr", 0 <= self.min_lr <= self.base_lr, f"in [0, --base_lr {self.base_lr}]"),
             ("scale_range", 0 < low <= high, "LOW HIGH with 0 < LOW <= HIGH"),

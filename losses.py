@@ -18,7 +18,10 @@ class CEDiceLoss(nn.Module):
     """ce_weight * CE + dice_weight * (1 - soft Dice).
 
     CE equals F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index):
-    the (class-weighted) mean over valid pixels, and 0 when no pixel is valid.
+    the (class-weighted) mean over valid pixels, and 0 when no pixel is valid. With ohem_threshold t > 0
+    (online hard example mining, as mmsegmentation's OHEM sampler) the mean runs over the hard pixels
+    only: those whose predicted probability of their own class is at most t, and at least the hardest
+    tenth of the batch's pixels, so that the easy road and sky pixels stop diluting the thin objects.
 
     Dice is the soft multi-class Dice on softmax probabilities p against the one-hot target g,
     summed over the whole batch (all of N, H, W) per class c:
@@ -32,12 +35,14 @@ class CEDiceLoss(nn.Module):
     """
 
     def __init__(self, num_classes, ignore_index=255, ce_weight=1.0, dice_weight=1.0,
-                 class_weights=None, smooth=1.0):
+                 class_weights=None, smooth=1.0, ohem_threshold=0.0):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"CEDiceLoss: num_classes must be >= 1, got {num_classes}")
         if smooth <= 0:
             raise ValueError(f"CEDiceLoss: smooth must be > 0 (else an absent class gives 0/0), got {smooth}")
+        if not 0 <= ohem_threshold <= 1:
+            raise ValueError(f"CEDiceLoss: ohem_threshold must be a probability in [0, 1], got {ohem_threshold}")
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
             if class_weights.shape != (num_classes,):
@@ -50,6 +55,7 @@ class CEDiceLoss(nn.Module):
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.smooth = smooth
+        self.ohem_threshold = ohem_threshold
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits, target):
@@ -69,6 +75,8 @@ class CEDiceLoss(nn.Module):
 
             pixel_weight = (onehot * class_weights.view(1, -1, 1, 1)).sum(1)
             pixel_nll = -(onehot * log_probs).sum(1)
+            if self.ohem_threshold:
+                pixel_weight = pixel_weight * self.hard_pixels(pixel_nll.detach(), valid.squeeze(1))
             total_weight = pixel_weight.sum()
             safe_total = torch.where(total_weight > 0, total_weight, torch.ones_like(total_weight))
             ce = (pixel_weight * pixel_nll).sum() / safe_total
@@ -79,6 +87,14 @@ class CEDiceLoss(nn.Module):
             dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
             dice_loss = 1 - dice.mean()
             return self.ce_weight * ce + self.dice_weight * dice_loss
+
+    def hard_pixels(self, pixel_nll, valid):
+        """1.0 where a valid pixel's probability of its own class is <= ohem_threshold or among the lowest tenth
+        of the batch's pixels, else 0.0. The tenth is a fixed count of all pixels, so there is no host sync;
+        ignored pixels sort last and, when picked, carry no weight anyway."""
+        own_probability = torch.exp(-pixel_nll).masked_fill(valid == 0, 2.0).flatten()
+        tenth = own_probability.kthvalue(max(1, own_probability.numel() // 10)).values
+        return (own_probability <= tenth.clamp(min=self.ohem_threshold)).view_as(pixel_nll).float()
 
 
 def median_frequency_weights(pixels, present_pixels):

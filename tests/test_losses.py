@@ -129,11 +129,44 @@ def test_class_weights_are_float32_and_not_checkpointed():
     assert criterion.state_dict() == {}
 
 
+def hard_pixel_ce(logits, target, weights, threshold):
+    """Reference OHEM CE by hand: keep valid pixels with p(own class) <= max(threshold, the tenth-lowest p), p of
+    ignored pixels counted as 2 (they never qualify unless fewer than a tenth are valid)."""
+    probs = logits.softmax(1)
+    own = torch.where(target == IGNORE, 2.0, probs.gather(1, target.clamp(max=4).unsqueeze(1)).squeeze(1))
+    cutoff = max(threshold, sorted(own.flatten().tolist())[own.numel() // 10 - 1])
+    keep = (own <= cutoff) & (target != IGNORE)
+    kept_target = torch.where(keep, target, IGNORE)
+    return F.cross_entropy(logits, kept_target, weight=torch.tensor(weights), ignore_index=IGNORE), int(keep.sum())
+
+
+@pytest.mark.parametrize("threshold", [0.7, 0.2, 1e-9])
+def test_ohem_ce_averages_over_the_hard_pixels_only(threshold):
+    logits, target = random_batch(seed=3, n=2, h=10, w=10)
+    weights = [0.5, 2.0, 1.0, 0.0, 3.0]
+    expected, kept = hard_pixel_ce(logits, target, weights, threshold)
+    got = CEDiceLoss(5, dice_weight=0.0, class_weights=weights, ohem_threshold=threshold)(logits, target)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    valid = int((target != IGNORE).sum())
+    assert kept >= target.numel() // 10 and (kept < valid if threshold < 0.7 else kept <= valid)
+    if threshold == 1e-9:  # nothing is that sure of itself: exactly the hardest tenth
+        assert kept == target.numel() // 10
+
+
+def test_ohem_at_threshold_one_is_plain_ce_and_leaves_dice_alone():
+    logits, target = random_batch()
+    plain = CEDiceLoss(5, class_weights=[1, 2, 3, 4, 5])(logits, target)
+    assert torch.equal(CEDiceLoss(5, class_weights=[1, 2, 3, 4, 5], ohem_threshold=1.0)(logits, target), plain)
+    dice_only = CEDiceLoss(5, ce_weight=0.0)(logits, target)
+    assert torch.equal(CEDiceLoss(5, ce_weight=0.0, ohem_threshold=0.7)(logits, target), dice_only)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=3, smooth=0.0), "smooth"),
     (dict(num_classes=3, class_weights=[1.0, 2.0]), "shape"),
     (dict(num_classes=2, class_weights=[1.0, -1.0]), ">= 0"),
+    (dict(num_classes=2, ohem_threshold=1.5), "ohem_threshold"),
 ])
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -114,6 +114,7 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--hflip_prob", "1.5"], "--hflip_prob must be in [0, 1], got 1.5"),
+    (["--ohem_threshold", "70"], "--ohem_threshold must be in [0, 1], got 70.0"),
     (["--base_lr", "0"], "--base_lr must be > 0, got 0.0"),
     (["--min_lr", "0.01"], "--min_lr must be in [0, --base_lr 0.001], got 0.01"),
     (["--min_lr=-1e-5"], "--min_lr must be in [0, --base_lr 0.001], got -1e-05"),
@@ -692,6 +693,17 @@ def test_class_weights_are_computed_once_from_the_train_masks_and_kept_by_a_resu
                                                     f"per class (road, sidewalk, building, wall, fence, pole, traffic "
                                                     f"light, traffic sign, vegetation, terrain, sky, person, rider, "
                                                     f"car, truck, bus, train, motorcycle, bicycle), not all 0")
+
+
+def test_ohem_threshold_reaches_the_loss_of_every_step(city, tmp_path, monkeypatch):
+    masks = []
+    hard_pixels = training.CEDiceLoss.hard_pixels
+    monkeypatch.setattr(training.CEDiceLoss, "hard_pixels", lambda self, *args: masks.append(
+        (self.ohem_threshold, hard_pixels(self, *args))) or masks[-1][1])
+    training.main(tiny_args(city, tmp_path / "run", "--training_iterations", "3", "--ohem_threshold", "0.7"))
+    assert len(masks) >= 3 and all(threshold == 0.7 for threshold, _ in masks)  # 3 steps, then the val loss
+    assert all(0 < mask.mean() < 1 for _, mask in masks)  # some pixels are easy already, some hard
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["ohem_threshold"] == 0.7
 
 
 def test_the_weight_average_follows_its_ramped_decay_and_resumes_exactly(city, tmp_path):
