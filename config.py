@@ -69,8 +69,8 @@ class TrainConfig:
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
     ohem_threshold: float = option(0.0, "online hard example mining: the CE term averages only over the pixels whose "
                                    "predicted probability of their own class is at most this (mmsegmentation uses "
-                                   "0.7), and at least the hardest tenth of the batch; 0 = every pixel",
-                                   "model and loss", type=float)
+                                   "0.7), and at least the hardest tenth of the batch (the val loss too); 0 = every "
+                                   "pixel", "model and loss", type=float)
 
     batch_size: int = option(8, "images per micro-batch and process", "optimisation", type=int)
     accum_steps: int = option(2, "micro-batches per optimizer step (gradient accumulation)", "optimisation", type=int)

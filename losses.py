@@ -19,7 +19,7 @@ class CEDiceLoss(nn.Module):
 
     CE equals F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index):
     the (class-weighted) mean over valid pixels, and 0 when no pixel is valid. With ohem_threshold t > 0
-    (online hard example mining, as mmsegmentation's OHEM sampler) the mean runs over the hard pixels
+    (online hard example mining, after mmsegmentation's OHEM sampler) the mean runs over the hard pixels
     only: those whose predicted probability of their own class is at most t, and at least the hardest
     tenth of the batch's pixels, so that the easy road and sky pixels stop diluting the thin objects.
 
@@ -76,7 +76,7 @@ class CEDiceLoss(nn.Module):
             pixel_weight = (onehot * class_weights.view(1, -1, 1, 1)).sum(1)
             pixel_nll = -(onehot * log_probs).sum(1)
             if self.ohem_threshold:
-                pixel_weight = pixel_weight * self.hard_pixels(pixel_nll.detach(), valid.squeeze(1))
+                pixel_weight = pixel_weight * self.hard_pixels(pixel_nll.detach(), pixel_weight > 0)
             total_weight = pixel_weight.sum()
             safe_total = torch.where(total_weight > 0, total_weight, torch.ones_like(total_weight))
             ce = (pixel_weight * pixel_nll).sum() / safe_total
@@ -88,11 +88,12 @@ class CEDiceLoss(nn.Module):
             dice_loss = 1 - dice.mean()
             return self.ce_weight * ce + self.dice_weight * dice_loss
 
-    def hard_pixels(self, pixel_nll, valid):
-        """1.0 where a valid pixel's probability of its own class is <= ohem_threshold or among the lowest tenth
-        of the batch's pixels, else 0.0. The tenth is a fixed count of all pixels, so there is no host sync;
-        ignored pixels sort last and, when picked, carry no weight anyway."""
-        own_probability = torch.exp(-pixel_nll).masked_fill(valid == 0, 2.0).flatten()
+    def hard_pixels(self, pixel_nll, counted):
+        """1.0 where a counted pixel's probability of its own class is <= ohem_threshold or among the lowest
+        tenth of the batch's pixels, else 0.0. The tenth is a fixed count of all pixels (mmsegmentation counts
+        valid ones), so there is no host sync; pixels not counted (ignored, or of a class weighted 0) sort last
+        and, when picked, carry no weight anyway."""
+        own_probability = torch.exp(-pixel_nll).masked_fill(~counted, 2.0).flatten()
         tenth = own_probability.kthvalue(max(1, own_probability.numel() // 10)).values
         return (own_probability <= tenth.clamp(min=self.ohem_threshold)).view_as(pixel_nll).float()
 

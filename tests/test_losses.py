@@ -130,12 +130,13 @@ def test_class_weights_are_float32_and_not_checkpointed():
 
 
 def hard_pixel_ce(logits, target, weights, threshold):
-    """Reference OHEM CE by hand: keep valid pixels with p(own class) <= max(threshold, the tenth-lowest p), p of
-    ignored pixels counted as 2 (they never qualify unless fewer than a tenth are valid)."""
+    """Reference OHEM CE by hand: keep the counted pixels (valid, of a class weighted > 0) with p(own class) <=
+    max(threshold, the tenth-lowest p), with p = 2 elsewhere (never kept unless fewer than a tenth count)."""
     probs = logits.softmax(1)
-    own = torch.where(target == IGNORE, 2.0, probs.gather(1, target.clamp(max=4).unsqueeze(1)).squeeze(1))
+    counted = (target != IGNORE) & (torch.tensor(weights + [0.0])[target.clamp(max=5)] > 0)
+    own = torch.where(counted, probs.gather(1, target.clamp(max=4).unsqueeze(1)).squeeze(1), 2.0)
     cutoff = max(threshold, sorted(own.flatten().tolist())[own.numel() // 10 - 1])
-    keep = (own <= cutoff) & (target != IGNORE)
+    keep = (own <= cutoff) & counted
     kept_target = torch.where(keep, target, IGNORE)
     return F.cross_entropy(logits, kept_target, weight=torch.tensor(weights), ignore_index=IGNORE), int(keep.sum())
 
@@ -147,10 +148,21 @@ def test_ohem_ce_averages_over_the_hard_pixels_only(threshold):
     expected, kept = hard_pixel_ce(logits, target, weights, threshold)
     got = CEDiceLoss(5, dice_weight=0.0, class_weights=weights, ohem_threshold=threshold)(logits, target)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    valid = int((target != IGNORE).sum())
-    assert kept >= target.numel() // 10 and (kept < valid if threshold < 0.7 else kept <= valid)
+    counted = int(((target != IGNORE) & (target != 3)).sum())  # class 3 weighs 0: it never fills the quota
+    assert target.numel() // 10 <= kept < counted  # even at 0.7 some pixels are easy
     if threshold == 1e-9:  # nothing is that sure of itself: exactly the hardest tenth
         assert kept == target.numel() // 10
+
+
+def test_ohem_keeps_every_pixel_when_fewer_than_a_tenth_count_and_is_zero_when_none_do():
+    logits, target = random_batch(seed=4, ignore_fraction=0.95)
+    assert 0 < int((target != IGNORE).sum()) < target.numel() // 10
+    plain = CEDiceLoss(5, dice_weight=0.0)(logits, target)
+    torch.testing.assert_close(CEDiceLoss(5, dice_weight=0.0, ohem_threshold=1e-9)(logits, target), plain)
+    logits.requires_grad_()
+    loss = CEDiceLoss(5, ohem_threshold=0.7)(logits, torch.full_like(target, IGNORE))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_ohem_at_threshold_one_is_plain_ce_and_leaves_dice_alone():
