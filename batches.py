@@ -86,6 +86,7 @@ class DeviceCache:
         self.device = torch.device(device)
         self.scale_range, self.hflip_prob, self.color_jitter = tuple(scale_range), hflip_prob, color_jitter
         width, height = dataset.image_size
+        self.crop_size = dataset.crop_size
         self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8, device=self.device)
         self.masks = torch.empty(len(dataset), height, width, dtype=torch.uint8, device=self.device)
         # batch_size=None hands each index to collate_fn alone, so the workers decode one sample each
@@ -121,23 +122,27 @@ class DeviceCache:
 
     def augment(self, images, masks, sample_seeds):
         """Scale, crop and flip as one sampling grid per sample (output pixel -> source pixel, in
-        grid_sample's normalised coordinates), then colour jitter; float images in [0, 1], uint8 masks."""
+        grid_sample's normalised coordinates), then colour jitter; float images in [0, 1], uint8 masks,
+        both at the crop size."""
         draws = self.draw_parameters(sample_seeds)
         low, high = self.scale_range
         scale = low + (high - low) * draws[:, 0]
-        # the crop window's top-left corner in the scaled image, as a fraction of the output size: inside
+        crop_width, crop_height = self.crop_size
+        crop_fraction_x, crop_fraction_y = crop_width / images.shape[-1], crop_height / images.shape[-2]
+        # the crop window's top-left corner in the scaled image, as a fraction of the cached size: inside
         # it when the scaled image is larger, a negative offset (padding before it) when it is smaller
-        shift = scale - 1
-        crop_x = shift.clamp(max=0) + draws[:, 1] * shift.abs()
-        crop_y = shift.clamp(max=0) + draws[:, 2] * shift.abs()
+        shift_x, shift_y = scale - crop_fraction_x, scale - crop_fraction_y
+        crop_x = shift_x.clamp(max=0) + draws[:, 1] * shift_x.abs()
+        crop_y = shift_y.clamp(max=0) + draws[:, 2] * shift_y.abs()
         mirror = torch.where(draws[:, 3] < self.hflip_prob, -1.0, 1.0)
         theta = torch.zeros(len(scale), 2, 3, dtype=torch.float64)
-        theta[:, 0, 0] = mirror / scale
-        theta[:, 0, 2] = (1 + 2 * crop_x) / scale - 1
-        theta[:, 1, 1] = 1 / scale
-        theta[:, 1, 2] = (1 + 2 * crop_y) / scale - 1
+        theta[:, 0, 0] = mirror * crop_fraction_x / scale
+        theta[:, 0, 2] = (crop_fraction_x + 2 * crop_x) / scale - 1
+        theta[:, 1, 1] = crop_fraction_y / scale
+        theta[:, 1, 2] = (crop_fraction_y + 2 * crop_y) / scale - 1
         theta = self.to_device(theta.float())
-        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        output_shape = [len(images), images.shape[1], crop_height, crop_width]
+        grid = torch.nn.functional.affine_grid(theta, output_shape, align_corners=False)
         images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                                                  align_corners=False)
         # labels shifted by one so that zero padding marks pixels outside the scaled image

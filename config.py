@@ -45,7 +45,12 @@ class TrainConfig:
     classes: tuple | None = option(None, "class names to train, in index order; quote names with spaces, e.g. "
                                    "--classes road sidewalk \"traffic light\" (default: the dataset's classes, for "
                                    "Cityscapes its 19 evaluation classes)", "data", nargs="+")
-    image_size: str = option("512x256", "training size WIDTHxHEIGHT; evaluation scores at the labels' own size", "data")
+    image_size: str = option("512x256", "size WIDTHxHEIGHT photos are resized to, for training, evaluation and "
+                             "inference; evaluation scores at the labels' own size", "data")
+    crop_size: str | None = option(None, "augmentation: train on random crops WIDTHxHEIGHT of the scaled image, "
+                                   "so that a larger --image_size shows finer detail at the crop's cost per step; "
+                                   "evaluation and inference still run the whole image at --image_size (default: "
+                                   "no crop, the whole --image_size)", "data")
     train_id_files: bool = option(False, "Cityscapes: read the official _gtFine_labelTrainIds.png masks instead of "
                                   "mapping the _labelIds.png ones; default classes only", "data", **SWITCH)
     synthetic_train: int = option(300, "train images to generate for the synthetic city", "data", type=int)
@@ -143,16 +148,22 @@ class TrainConfig:
         return parse_size(self.image_size)
 
     @property
+    def crop(self) -> tuple[int, int]:
+        """The training crop as (width, height): crop_size, or the whole image_size."""
+        return parse_size(self.crop_size) if self.crop_size else self.size
+
+    @property
     def global_batch(self) -> int:
         """Images per optimizer step over all processes."""
         return self.batch_size * self.accum_steps * self.world_size
 
     def validate(self):
         """Raise a UserError naming the first flag whose value cannot work."""
-        try:
-            self.size
-        except ValueError as error:
-            raise UserError(f"--image_size: {error}") from None
+        for flag, size in (("image_size", lambda: self.size), ("crop_size", lambda: self.crop)):
+            try:
+                size()
+            except ValueError as error:
+                raise UserError(f"--{flag}: {error}") from None
         if self.class_weights not in ("none", "auto") and self.class_weight_values is None \
                 and not Path(self.class_weights).is_file():
             raise UserError(f"--class_weights {self.class_weights}: expected none, auto, or a file of weights")

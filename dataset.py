@@ -488,11 +488,12 @@ def has_cityscapes(root) -> bool:
 # ----------------------------------------------------------------------------- the dataset
 
 def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2, mean=MEAN,
-                    std=STD) -> v2.Compose:
+                    std=STD, crop_size=None) -> v2.Compose:
     """Joint image/mask pipeline on tv_tensors (masks are resized nearest and never colour-jittered):
-    random scale of the training size, random crop back to it (image padded 0, mask IGNORE_INDEX),
-    flip, mild jitter; then float conversion and ImageNet normalisation (images only)."""
+    random scale of the image at image_size, random crop of crop_size (default: image_size; image padded 0,
+    mask IGNORE_INDEX), flip, mild jitter; then float conversion and ImageNet normalisation (images only)."""
     width, height = image_size
+    crop_width, crop_height = crop_size or image_size
     steps = []
     if augment:
         low, high = scale_range
@@ -501,7 +502,7 @@ def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5,
         short_side = min(width, height)
         steps += [
             v2.RandomResize(round(short_side * low), round(short_side * high) + 1, antialias=True),
-            v2.RandomCrop((height, width), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+            v2.RandomCrop((crop_height, crop_width), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
             v2.RandomHorizontalFlip(hflip_prob),
         ]
         if color_jitter > 0:
@@ -527,7 +528,8 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """One split of a dataset on disk. ds[i] -> (image float32 (3,H,W) normalised at image_size, mask int64
-    (H,W) of class indices with IGNORE_INDEX for void); a split without labels gives the image only.
+    (H,W) of class indices with IGNORE_INDEX for void); a split without labels gives the image only. With
+    augment, items are random crops of crop_size (default: image_size) from the randomly scaled image.
 
     layout: "auto" (recognised from the folder), "cityscapes", "camvid", "folder", or a layout object.
     classes: None (the layout's default classes), a list of names, or a ClassTable. Files whose size differs
@@ -537,7 +539,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="train", image_size=(512, 256), classes=None, augment=False, layout="auto",
                  use_train_id_files=False, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2,
-                 label_resolution=False, mean=MEAN, std=STD):
+                 label_resolution=False, mean=MEAN, std=STD, crop_size=None):
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.layout = layout if not isinstance(layout, str) else open_layout(root, layout, use_train_id_files)
@@ -551,7 +553,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if augment and not self.has_labels:
             raise DatasetError(f"split {split!r} has no labels, so it cannot be augmented (use it for inference only)")
         self.mean, self.std = tuple(mean), tuple(std)
-        self.transform = build_transform(self.image_size, augment, scale_range, hflip_prob, color_jitter, mean, std)
+        self.crop_size = tuple(crop_size or self.image_size)
+        self.transform = build_transform(self.image_size, augment, scale_range, hflip_prob, color_jitter, mean, std,
+                                         self.crop_size)
 
     def __len__(self):
         return len(self.samples)

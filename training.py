@@ -129,7 +129,8 @@ def build_data(config, rank, device, samples_seen):
     class_table = layout.class_table(config.classes)
     common = dict(image_size=config.size, classes=class_table, layout=layout)
     train_set = SegmentationDataset(root, "train", augment=True, scale_range=config.scale_range,
-                                    hflip_prob=config.hflip_prob, color_jitter=config.color_jitter, **common)
+                                    hflip_prob=config.hflip_prob, color_jitter=config.color_jitter,
+                                    crop_size=config.crop, **common)
     resolve_class_weights(config, train_set, rank)
     val_set = SegmentationDataset(root, "val", label_resolution=True, **common)
     snapshot_set = SegmentationDataset(root, "val", **common)

@@ -192,6 +192,29 @@ def test_random_crop_pads_mask_with_ignore(make_cityscapes):
     assert padding[black].all()
 
 
+def window_offset(crop, whole):
+    """(x, y) where crop (..., h, w) lies inside whole (..., H, W), or None."""
+    height, width = crop.shape[-2:]
+    return next(((x, y) for y in range(whole.shape[-2] - height + 1) for x in range(whole.shape[-1] - width + 1)
+                 if torch.equal(whole[..., y:y + height, x:x + width], crop)), None)
+
+
+def test_crop_size_takes_random_windows_of_the_image(make_cityscapes):
+    root = make_cityscapes(block=4)
+    plain_image, plain_mask = CityscapesDataset(root, "train", image_size=(64, 32))[0]
+    cropped = CityscapesDataset(root, "train", image_size=(64, 32), augment=True, scale_range=(1.0, 1.0),
+                                hflip_prob=0, color_jitter=0, crop_size=(24, 16))
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(8):
+        image, mask = cropped[0]
+        assert image.shape == (3, 16, 24) and mask.shape == (16, 24)
+        offset = window_offset(mask, plain_mask)
+        assert offset is not None and torch.equal(image, plain_image[:, offset[1]:offset[1] + 16, offset[0]:offset[0] + 24])
+        offsets.add(offset)
+    assert len(offsets) >= 4  # 41 x 17 windows to draw from
+
+
 def test_color_jitter_changes_image_not_mask(make_cityscapes):
     root = make_cityscapes()
     torch.manual_seed(1)

@@ -90,6 +90,40 @@ def test_flip_mirrors_the_batch_and_unit_scale_keeps_it(train_set, hflip_prob):
     torch.testing.assert_close(images, plain_images, atol=1e-5, rtol=0)
 
 
+def test_crops_are_windows_of_the_cached_image(make_cityscapes):
+    dataset = SegmentationDataset(make_cityscapes(size=SIZE, block=8), "train", SIZE, layout="cityscapes",
+                                  crop_size=(24, 16))
+    cache = DeviceCache(dataset, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0)
+    plain_masks = cache.batch(range(4), range(4), augment=False)[1]
+    images, masks = cache.batch([0, 1, 2, 3] * 4, range(16))
+    assert images.shape == (16, 3, 16, 24) and masks.shape == (16, 16, 24)
+    offsets = set()
+    for mask, plain in zip(masks, plain_masks.repeat(4, 1, 1)):
+        # nearest sampling at a sub-pixel offset still reads whole source pixels: a window of the mask
+        offset = next((x, y) for y in range(HEIGHT - 15) for x in range(WIDTH - 23)
+                      if torch.equal(plain[y:y + 16, x:x + 24], mask))
+        offsets.add(offset)
+    assert len(offsets) >= 8
+
+
+@pytest.mark.parametrize("crop_size", [(24, 16), (96, 48)])
+def test_scaled_crops_keep_image_and_mask_aligned(make_cityscapes, label_id_colors, crop_size):
+    """As test_augmented_image_and_mask_stay_aligned, for crops smaller and larger (padded) than the image."""
+    dataset = SegmentationDataset(make_cityscapes(size=SIZE, block=16), "train", SIZE, layout="cityscapes",
+                                  crop_size=crop_size)
+    cache = DeviceCache(dataset, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0)
+    class_colors = label_id_colors[dataset.class_table.label_ids].astype(int)
+    images, masks = cache.batch([0, 1, 2, 3] * 4, range(16))
+    assert masks.shape == (16, crop_size[1], crop_size[0])
+    checked = 0
+    for image, mask in zip(images, masks):
+        image, mask = denormalize(image).astype(int), mask.numpy()
+        inside = interior(mask)
+        assert (np.abs(image[inside] - class_colors[mask[inside]]) <= 1).all()
+        checked += inside.sum()
+    assert checked > 16 * min(crop_size[0] * crop_size[1], WIDTH * HEIGHT) // 4
+
+
 def test_flips_follow_hflip_prob(train_set):
     cache = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=0.5, color_jitter=0)
     plain = cache.batch([0], [0], augment=False)[1][0]

@@ -120,6 +120,8 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--min_lr=-1e-5"], "--min_lr must be in [0, --base_lr 0.001], got -1e-05"),
     (["--scale_range", "2", "1"], "--scale_range must be LOW HIGH with 0 < LOW <= HIGH, got [2.0, 1.0]"),
     (["--scale_range", "0", "1"], "--scale_range must be LOW HIGH with 0 < LOW <= HIGH, got [0.0, 1.0]"),
+    (["--crop_size", "0x8"], "--crop_size: invalid size '0x8': expected WIDTHxHEIGHT with positive integers, e.g. "
+                             "512x256"),
 ])
 def test_invalid_flag_is_a_one_line_error(flags, message, city, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -704,6 +706,19 @@ def test_ohem_threshold_reaches_the_loss_of_every_step(city, tmp_path, monkeypat
     assert len(masks) >= 3 and all(threshold == 0.7 for threshold, _ in masks)  # 3 steps, then the val loss
     assert all(0 < mask.mean() < 1 for _, mask in masks)  # some pixels are easy already, some hard
     assert json.loads((tmp_path / "run" / "config.json").read_text())["ohem_threshold"] == 0.7
+
+
+@pytest.mark.parametrize("data_cache", ["off", "device"])
+def test_crop_size_trains_on_crops_and_evaluates_whole_images(city, tmp_path, monkeypatch, data_cache):
+    shapes = []
+    forward = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, x: shapes.append((self.training, tuple(x.shape))) or forward(self, x))
+    run = tmp_path / "run"
+    training.main(tiny_args(city, run, "--training_iterations", "2", "--crop_size", "16x8", "--data_cache", data_cache))
+    assert {shape for train, shape in shapes if train} == {(2, 3, 8, 16)}
+    assert {shape[1:] for train, shape in shapes if not train} == {(3, 16, 32)}  # val and snapshots: whole images
+    assert json.loads((run / "config.json").read_text())["crop_size"] == "16x8"
+    assert tuple(load(run / "unet_model.pth")["image_size"]) == (32, 16)  # what inference resizes photos to
 
 
 def test_the_weight_average_follows_its_ramped_decay_and_resumes_exactly(city, tmp_path):
