@@ -21,6 +21,7 @@ from synthetic_city import read_settings as synthetic_city_settings
 from unet import WEIGHTS_FILE
 
 DATASETS = ("auto", "cityscapes", "camvid", "folder", "synthetic")
+COMPUTED_CLASS_WEIGHTS = ("auto", "sqrt")  # --class_weights computed from the train masks
 
 
 def option(default, help, group, **argparse_kwargs):
@@ -68,7 +69,8 @@ class TrainConfig:
                            **SWITCH)
     class_weights: str = option("none", "per-class weights of the CE term (the Dice term already gives every class "
                                 "the same say): none, auto = median-frequency balancing computed once from the train "
-                                "masks (rare classes weigh more), or a file with one number per class; the weights "
+                                "masks (rare classes weigh more), sqrt = the square root of those (milder: fewer "
+                                "building pixels taken for poles), or a file with one number per class; the weights "
                                 "used are stored in config.json and the checkpoint", "model and loss")
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
@@ -164,9 +166,9 @@ class TrainConfig:
                 size()
             except ValueError as error:
                 raise UserError(f"--{flag}: {error}") from None
-        if self.class_weights not in ("none", "auto") and self.class_weight_values is None \
+        if self.class_weights not in ("none", *COMPUTED_CLASS_WEIGHTS) and self.class_weight_values is None \
                 and not Path(self.class_weights).is_file():
-            raise UserError(f"--class_weights {self.class_weights}: expected none, auto, or a file of weights")
+            raise UserError(f"--class_weights {self.class_weights}: expected none, auto, sqrt, or a file of weights")
         low, high = self.scale_range
         rules = [  # (flag, valid, what it must be), stated positively so that NaN, false in any comparison, fails
             *((key, getattr(self, key) >= 1, ">= 1") for key in (

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import synthetic_city
 from batches import TimedBatches, loader_options, train_batches
 from checkpoint import CHECKPOINT_FILE, Progress, restore, save_checkpoint
-from config import TrainConfig, build_parser, from_command_line
+from config import COMPUTED_CLASS_WEIGHTS, TrainConfig, build_parser, from_command_line
 from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, open_layout
 from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import WarmupInverseSqrtLR
@@ -168,15 +168,16 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
 
 def resolve_class_weights(config, train_set, rank):
     """config.class_weight_values from --class_weights, computed once (auto: median-frequency balancing of the train
-    masks; a file: one number per class) and kept in the config, so a resume uses the same weights."""
+    masks, sqrt: their square root; a file: one number per class) and kept in the config, so a resume uses the same
+    weights."""
     if config.class_weights == "none" or config.class_weight_values is not None:
         return
     names = train_set.class_table.names
-    if config.class_weights == "auto":  # one scan of the masks, on rank 0, shared with the others
+    if config.class_weights in COMPUTED_CLASS_WEIGHTS:  # one scan of the masks, on rank 0, shared with the others
         weights = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
         if config.world_size > 1:
             dist.broadcast_object_list(weights)
-        weights = weights[0]
+        weights = weights[0] if config.class_weights == "auto" else [math.sqrt(weight) for weight in weights[0]]
     else:
         try:
             weights = [float(word) for word in Path(config.class_weights).read_text().split()]

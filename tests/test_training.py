@@ -682,6 +682,11 @@ def test_class_weights_are_computed_once_from_the_train_masks_and_kept_by_a_resu
     training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
     assert "class weights" not in capsys.readouterr().out  # not computed again
 
+    training.main(tiny_args(city, tmp_path / "sqrt", "--training_iterations", "1", "--class_weights", "sqrt"))
+    sqrt_values = json.loads((tmp_path / "sqrt" / "config.json").read_text())["class_weight_values"]
+    expected_sqrt = [float(f"{w:.4g}") for w in np.sqrt(median_frequency_weights(pixels, present).double().numpy())]
+    assert sqrt_values == pytest.approx(expected_sqrt) and 1 < max(expected_sqrt) < max(expected)  # milder
+
     weights_file = tmp_path / "weights.txt"
     weights_file.write_text(" ".join(["1"] * 18 + ["3"]))
     training.main(tiny_args(city, tmp_path / "from_file", "--training_iterations", "1", "--class_weights",
