@@ -70,15 +70,15 @@ class DeviceCache:
     decoded once, and each batch is one gather, one affine_grid with two grid_samples and a few element-wise
     ops, so the input pipeline costs next to nothing beside the model.
 
-    batch(indices, sample_seeds, augment) -> (normalised float32 (B,3,H,W), int64 class ids (B,H,W)). Without
-    augmentation the items equal the dataset's own. With it, each sample's parameters come from its own seed
-    (augmentation stays a pure function of (seed, epoch, index)), drawn from the same distributions as
-    build_transform's, not the same pixels: downscaling without antialiasing, sub-pixel crop offsets, and
-    jitter's three factors in a fixed order on float pixels.
+    batch(indices, sample_seeds, augment) -> (normalised float32 (B,3,H,W), int64 class ids (B,H,W)), at
+    crop_size (default: the dataset's image_size) when augmented. Without augmentation the items equal the
+    dataset's own. With it, each sample's parameters come from its own seed (augmentation stays a pure
+    function of (seed, epoch, index)), drawn from the same distributions as build_transform's, not the same
+    pixels: downscaling without antialiasing, and jitter's three factors in a fixed order on float pixels.
     """
 
     def __init__(self, dataset: SegmentationDataset, device="cpu", scale_range=(0.5, 2.0), hflip_prob=0.5,
-                 color_jitter=0.2, num_workers=0):
+                 color_jitter=0.2, num_workers=0, crop_size=None):
         if not dataset.has_labels:
             raise DatasetError(f"split {dataset.split!r} has no labels, so it cannot be cached for training")
         if not 0 < scale_range[0] <= scale_range[1]:
@@ -86,7 +86,7 @@ class DeviceCache:
         self.device = torch.device(device)
         self.scale_range, self.hflip_prob, self.color_jitter = tuple(scale_range), hflip_prob, color_jitter
         width, height = dataset.image_size
-        self.crop_size = dataset.crop_size
+        self.crop_size = tuple(crop_size or dataset.image_size)
         self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8, device=self.device)
         self.masks = torch.empty(len(dataset), height, width, dtype=torch.uint8, device=self.device)
         # batch_size=None hands each index to collate_fn alone, so the workers decode one sample each
@@ -127,13 +127,10 @@ class DeviceCache:
         draws = self.draw_parameters(sample_seeds)
         low, high = self.scale_range
         scale = low + (high - low) * draws[:, 0]
-        crop_width, crop_height = self.crop_size
-        crop_fraction_x, crop_fraction_y = crop_width / images.shape[-1], crop_height / images.shape[-2]
-        # the crop window's top-left corner in the scaled image, as a fraction of the cached size: inside
-        # it when the scaled image is larger, a negative offset (padding before it) when it is smaller
-        shift_x, shift_y = scale - crop_fraction_x, scale - crop_fraction_y
-        crop_x = shift_x.clamp(max=0) + draws[:, 1] * shift_x.abs()
-        crop_y = shift_y.clamp(max=0) + draws[:, 2] * shift_y.abs()
+        (height, width), (crop_width, crop_height) = images.shape[-2:], self.crop_size
+        crop_fraction_x, crop_fraction_y = crop_width / width, crop_height / height
+        crop_x = self.crop_offset(scale - crop_fraction_x, draws[:, 1], width)
+        crop_y = self.crop_offset(scale - crop_fraction_y, draws[:, 2], height)
         mirror = torch.where(draws[:, 3] < self.hflip_prob, -1.0, 1.0)
         theta = torch.zeros(len(scale), 2, 3, dtype=torch.float64)
         theta[:, 0, 0] = mirror * crop_fraction_x / scale
@@ -153,6 +150,16 @@ class DeviceCache:
             factors = (1 + self.color_jitter * (2 * draws[:, 4:] - 1)).clamp(min=0).view(-1, 3, 1, 1, 1)
             images = jitter(images, *self.to_device(factors.float()).unbind(1))
         return images, masks
+
+
+    @staticmethod
+    def crop_offset(shift, draw, size) -> torch.Tensor:
+        """The crop window's first pixel in the scaled image, in whole pixels as torchvision's RandomCrop
+        draws it, as a fraction of the cached size: inside the scaled image when it is larger than the crop
+        (shift > 0), a negative offset (padding before it) when it is smaller."""
+        positions = (shift.abs() * size).floor()  # whole-pixel offsets that keep the window inside
+        offset = (draw * (positions + 1)).floor().clamp(max=positions)
+        return torch.where(shift < 0, offset - positions, offset) / size
 
 
 def jitter(images, brightness, contrast, saturation) -> torch.Tensor:
@@ -224,5 +231,5 @@ def train_batches(train_set, config, rank, world_size, device, samples_seen):
     if rank == 0:
         print(f"caching {len(train_set)} train images ({cache_bytes / 2**30:.2f} GiB) on {device}")
     cache = DeviceCache(train_set, device, tuple(config.scale_range), config.hflip_prob, config.color_jitter,
-                        num_workers=config.num_workers)
+                        num_workers=config.num_workers, crop_size=train_set.crop_size)
     return CachedBatches(cache, sampler, config.batch_size)

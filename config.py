@@ -51,7 +51,7 @@ class TrainConfig:
     crop_size: str | None = option(None, "augmentation: train on random crops WIDTHxHEIGHT of the scaled image, "
                                    "so that a larger --image_size shows finer detail at the crop's cost per step; "
                                    "evaluation and inference still run the whole image at --image_size (default: "
-                                   "no crop, the whole --image_size)", "data")
+                                   "--image_size)", "data")
     train_id_files: bool = option(False, "Cityscapes: read the official _gtFine_labelTrainIds.png masks instead of "
                                   "mapping the _labelIds.png ones; default classes only", "data", **SWITCH)
     synthetic_train: int = option(300, "train images to generate for the synthetic city", "data", type=int)
@@ -69,8 +69,8 @@ class TrainConfig:
                            **SWITCH)
     class_weights: str = option("none", "per-class weights of the CE term (the Dice term already gives every class "
                                 "the same say): none, auto = median-frequency balancing computed once from the train "
-                                "masks (rare classes weigh more), sqrt = the square root of those (milder: fewer "
-                                "building pixels taken for poles), or a file with one number per class; the weights "
+                                "masks (rare classes weigh more), sqrt = the square root of those (milder: rare "
+                                "classes weigh less), or a file with one number per class; the weights "
                                 "used are stored in config.json and the checkpoint", "model and loss")
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
@@ -161,9 +161,11 @@ class TrainConfig:
 
     def validate(self):
         """Raise a UserError naming the first flag whose value cannot work."""
-        for flag, size in (("image_size", lambda: self.size), ("crop_size", lambda: self.crop)):
+        for flag in ("image_size", "crop_size"):
+            size = getattr(self, flag)
             try:
-                size()
+                if size is not None:
+                    parse_size(size)
             except ValueError as error:
                 raise UserError(f"--{flag}: {error}") from None
         if self.class_weights not in ("none", *COMPUTED_CLASS_WEIGHTS) and self.class_weight_values is None \

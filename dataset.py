@@ -502,7 +502,8 @@ def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5,
         short_side = min(width, height)
         steps += [
             v2.RandomResize(round(short_side * low), round(short_side * high) + 1, antialias=True),
-            v2.RandomCrop((crop_height, crop_width), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+            v2.RandomCrop((crop_height, crop_width), pad_if_needed=True,
+                          fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
             v2.RandomHorizontalFlip(hflip_prob),
         ]
         if color_jitter > 0:
@@ -544,16 +545,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.layout = layout if not isinstance(layout, str) else open_layout(root, layout, use_train_id_files)
         self.root, self.split, self.label_resolution = Path(root), split, label_resolution
-        self.image_size = tuple(image_size)
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"image_size must be (width, height) of positive ints, got {image_size}")
+        self.image_size, self.crop_size = tuple(image_size), tuple(crop_size or image_size)
+        for name, size in (("image_size", self.image_size), ("crop_size", self.crop_size)):
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"{name} must be (width, height) of positive ints, got {size}")
         self.class_table = classes if isinstance(classes, ClassTable) else self.layout.class_table(classes)
         self.samples = self.layout.samples(split)
         self.has_labels = all(mask is not None for _, mask in self.samples)
         if augment and not self.has_labels:
             raise DatasetError(f"split {split!r} has no labels, so it cannot be augmented (use it for inference only)")
         self.mean, self.std = tuple(mean), tuple(std)
-        self.crop_size = tuple(crop_size or self.image_size)
         self.transform = build_transform(self.image_size, augment, scale_range, hflip_prob, color_jitter, mean, std,
                                          self.crop_size)
 

@@ -10,9 +10,10 @@ Python.
     segmenter = Segmenter("unet_model.pth")
     mask = segmenter("street.jpg")          # (H, W) uint8 class indices at the photo's own size
 
-Every photo is resized to the training size (as the seed did) and the logits are upsampled back, so the
-mask matches the photo pixel for pixel. For each input NAME.ext the CLI writes NAME_mask.png (class indices,
-or Cityscapes label ids with --label_ids), NAME_color.png and NAME_overlay.jpg; inputs are never modified.
+Every photo is resized to the --image_size the model was trained at (as the seed did) and the logits are
+upsampled back, so the mask matches the photo pixel for pixel. For each input NAME.ext the CLI writes
+NAME_mask.png (class indices, or Cityscapes label ids with --label_ids), NAME_color.png and
+NAME_overlay.jpg; inputs are never modified.
 --evaluate scores exactly these masks, at the labels' own resolution.
 """
 import argparse
@@ -436,7 +437,7 @@ def build_parser():
     parser.add_argument("--output", help=f"output folder, created if missing (default: {DEFAULT_OUTPUT}; "
                                           f"{DEFAULT_EVAL_OUTPUT} with --evaluate)")
     parser.add_argument("--image_size", type=size_arg,
-                        help="model input WxH (default: the training size the checkpoint records)")
+                        help="model input WxH (default: the --image_size the checkpoint records)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision.datasets import Cityscapes
 
@@ -50,6 +51,13 @@ def write_sample(root, split, city, stem, label_ids, noise, rng, train_id_files)
     height, width = label_ids.shape
     polygons = {"imgHeight": height, "imgWidth": width, "objects": [{"label": "road", "polygon": [[0, 0], [1, 0], [1, 1]]}]}
     (mask_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps(polygons))
+
+
+def window_offset(crop, whole):
+    """(x, y) where crop (..., h, w) lies inside whole (..., H, W), or None."""
+    height, width = crop.shape[-2:]
+    return next(((x, y) for y in range(whole.shape[-2] - height + 1) for x in range(whole.shape[-1] - width + 1)
+                 if torch.equal(whole[..., y:y + height, x:x + width], crop)), None)
 
 
 @pytest.fixture

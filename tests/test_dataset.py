@@ -11,6 +11,7 @@ from PIL import Image
 
 import dataset
 import synthetic_city
+from conftest import window_offset
 from dataset import (IGNORE_INDEX, ClassTable, DatasetError, SegmentationDataset, denormalize, has_cityscapes, prepare,
                      write_image_atomically)
 from runtime import one_line, parse_size
@@ -190,13 +191,6 @@ def test_random_crop_pads_mask_with_ignore(make_cityscapes):
     assert padding.sum() >= 64 * 32 * 3 // 4
     assert black.sum() == 64 * 32 * 3 // 4  # fixture colours are never black: only padding is
     assert padding[black].all()
-
-
-def window_offset(crop, whole):
-    """(x, y) where crop (..., h, w) lies inside whole (..., H, W), or None."""
-    height, width = crop.shape[-2:]
-    return next(((x, y) for y in range(whole.shape[-2] - height + 1) for x in range(whole.shape[-1] - width + 1)
-                 if torch.equal(whole[..., y:y + height, x:x + width], crop)), None)
 
 
 def test_crop_size_takes_random_windows_of_the_image(make_cityscapes):

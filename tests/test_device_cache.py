@@ -7,6 +7,7 @@ from torchvision.transforms.v2 import functional as F
 
 import training
 from batches import DeviceCache, jitter
+from conftest import window_offset
 from dataset import IGNORE_INDEX, SegmentationDataset, denormalize
 
 SIZE = (64, 32)
@@ -90,28 +91,57 @@ def test_flip_mirrors_the_batch_and_unit_scale_keeps_it(train_set, hflip_prob):
     torch.testing.assert_close(images, plain_images, atol=1e-5, rtol=0)
 
 
-def test_crops_are_windows_of_the_cached_image(make_cityscapes):
-    dataset = SegmentationDataset(make_cityscapes(size=SIZE, block=8), "train", SIZE, layout="cityscapes",
-                                  crop_size=(24, 16))
-    cache = DeviceCache(dataset, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0)
-    plain_masks = cache.batch(range(4), range(4), augment=False)[1]
+def fixed_draws(cache, monkeypatch, scale_draw, x_draw, y_draw):
+    """Every sample of the cache's batches gets these draws (no flip, no jitter)."""
+    draws = torch.tensor([[scale_draw, x_draw, y_draw, 1.0, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    monkeypatch.setattr(cache, "draw_parameters", lambda seeds: draws.repeat(len(seeds), 1))
+
+
+def test_crops_are_whole_pixel_windows_of_the_cached_image(make_cityscapes):
+    dataset = SegmentationDataset(make_cityscapes(size=SIZE, block=8), "train", SIZE, layout="cityscapes")
+    cache = DeviceCache(dataset, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0, crop_size=(24, 16))
+    plain_images, plain_masks = cache.batch(range(4), range(4), augment=False)
     images, masks = cache.batch([0, 1, 2, 3] * 4, range(16))
     assert images.shape == (16, 3, 16, 24) and masks.shape == (16, 16, 24)
     offsets = set()
-    for mask, plain in zip(masks, plain_masks.repeat(4, 1, 1)):
-        # nearest sampling at a sub-pixel offset still reads whole source pixels: a window of the mask
-        offset = next((x, y) for y in range(HEIGHT - 15) for x in range(WIDTH - 23)
-                      if torch.equal(plain[y:y + 16, x:x + 24], mask))
-        offsets.add(offset)
+    for image, mask, plain_image, plain_mask in zip(images, masks, plain_images.repeat(4, 1, 1, 1),
+                                                    plain_masks.repeat(4, 1, 1)):
+        x, y = window_offset(mask, plain_mask)  # as torchvision's RandomCrop: no blending at unit scale
+        torch.testing.assert_close(image, plain_image[:, y:y + 16, x:x + 24], atol=1e-6, rtol=0)
+        offsets.add((x, y))
     assert len(offsets) >= 8
+
+
+@pytest.mark.parametrize("x_draw, y_draw, x, y", [(0.0, 0.0, 0, 0), (1 - 1e-9, 1 - 1e-9, 104, 48), (0.5, 0.25, 52, 12)])
+def test_a_crop_of_the_doubled_image_starts_where_its_draws_say(train_set, monkeypatch, x_draw, y_draw, x, y):
+    """At scale 2 the 64x32 image is 128x64: a 24x16 crop has 105 x 49 whole-pixel positions."""
+    cache = DeviceCache(train_set, scale_range=(2.0, 2.0), hflip_prob=0.5, color_jitter=0, crop_size=(24, 16))
+    fixed_draws(cache, monkeypatch, 0.0, x_draw, y_draw)
+    plain = cache.batch([1], [0], augment=False)[1][0]
+    doubled = plain.repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)
+    assert torch.equal(cache.batch([1], [0])[1][0], doubled[y:y + 16, x:x + 24])
+
+
+@pytest.mark.parametrize("x_draw, image_columns", [(0.0, slice(64, 96)), (1 - 1e-9, slice(0, 32))])
+def test_a_crop_larger_than_the_halved_image_pads_around_it_where_its_draws_say(train_set, monkeypatch, x_draw,
+                                                                                image_columns):
+    """At scale 0.5 the image is 32x16 inside a 96x48 crop; a draw of 0 puts all the padding before it."""
+    cache = DeviceCache(train_set, scale_range=(0.5, 0.5), hflip_prob=0, color_jitter=0, crop_size=(96, 48))
+    fixed_draws(cache, monkeypatch, 0.0, x_draw, 0.0)
+    plain = cache.batch([1], [0], augment=False)[1][0]
+    images, masks = cache.batch([1], [0])
+    inside = torch.zeros(48, 96, dtype=torch.bool)
+    inside[32:48, image_columns] = True
+    assert torch.equal(masks[0][inside].view(16, 32), plain[::2, ::2])  # nearest: every other pixel
+    assert (masks[0][~inside] == IGNORE_INDEX).all()
+    assert (denormalize(images[0])[~inside.numpy()] == 0).all()
 
 
 @pytest.mark.parametrize("crop_size", [(24, 16), (96, 48)])
 def test_scaled_crops_keep_image_and_mask_aligned(make_cityscapes, label_id_colors, crop_size):
     """As test_augmented_image_and_mask_stay_aligned, for crops smaller and larger (padded) than the image."""
-    dataset = SegmentationDataset(make_cityscapes(size=SIZE, block=16), "train", SIZE, layout="cityscapes",
-                                  crop_size=crop_size)
-    cache = DeviceCache(dataset, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0)
+    dataset = SegmentationDataset(make_cityscapes(size=SIZE, block=16), "train", SIZE, layout="cityscapes")
+    cache = DeviceCache(dataset, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0, crop_size=crop_size)
     class_colors = label_id_colors[dataset.class_table.label_ids].astype(int)
     images, masks = cache.batch([0, 1, 2, 3] * 4, range(16))
     assert masks.shape == (16, crop_size[1], crop_size[0])
