@@ -151,7 +151,6 @@ class DeviceCache:
             images = jitter(images, *self.to_device(factors.float()).unbind(1))
         return images, masks
 
-
     @staticmethod
     def crop_offset(shift, draw, size) -> torch.Tensor:
         """The crop window's first pixel in the scaled image, in whole pixels as torchvision's RandomCrop
