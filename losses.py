@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 class CEDiceLoss(nn.Module):
-    """ce_weight * CE + dice_weight * (1 - soft Dice).
+    """ce_weight * CE + dice_weight * (1 - soft Dice) + lovasz_weight * Lovasz-softmax.
 
     CE equals F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index):
     the (class-weighted) mean over valid pixels, and 0 when no pixel is valid. With ohem_threshold t > 0
@@ -32,15 +32,20 @@ class CEDiceLoss(nn.Module):
     p and g are both zeroed at ignored pixels, so those count in neither numerator nor
     denominator. `smooth` keeps dice_c defined (= 1, i.e. no loss) for a class that is neither
     present nor predicted, and softens the gradient of rare classes.
+
+    The Lovasz-softmax term (off by default; see lovasz_softmax) is a surrogate of 1 - IoU itself, the
+    metric, where the Dice term is one of 1 - F1: it costs a sort of every pixel for every class.
     """
 
     def __init__(self, num_classes, ignore_index=255, ce_weight=1.0, dice_weight=1.0,
-                 class_weights=None, smooth=1.0, ohem_threshold=0.0):
+                 class_weights=None, smooth=1.0, ohem_threshold=0.0, lovasz_weight=0.0):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"CEDiceLoss: num_classes must be >= 1, got {num_classes}")
         if smooth <= 0:
             raise ValueError(f"CEDiceLoss: smooth must be > 0 (else an absent class gives 0/0), got {smooth}")
+        if lovasz_weight < 0:
+            raise ValueError(f"CEDiceLoss: lovasz_weight must be >= 0, got {lovasz_weight}")
         if not 0 <= ohem_threshold <= 1:
             raise ValueError(f"CEDiceLoss: ohem_threshold must be a probability in [0, 1], got {ohem_threshold}")
         if class_weights is not None:
@@ -54,6 +59,7 @@ class CEDiceLoss(nn.Module):
         self.ignore_index = ignore_index
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
+        self.lovasz_weight = lovasz_weight
         self.smooth = smooth
         self.ohem_threshold = ohem_threshold
         self.register_buffer("class_weights", class_weights, persistent=False)
@@ -86,7 +92,10 @@ class CEDiceLoss(nn.Module):
             cardinality = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
             dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
             dice_loss = 1 - dice.mean()
-            return self.ce_weight * ce + self.dice_weight * dice_loss
+            loss = self.ce_weight * ce + self.dice_weight * dice_loss
+            if self.lovasz_weight:
+                loss = loss + self.lovasz_weight * lovasz_softmax(probs, onehot, valid)
+            return loss
 
     def hard_pixels(self, pixel_nll, counted):
         """1.0 where a counted pixel's probability of its own class is <= ohem_threshold or among the lowest
@@ -96,6 +105,25 @@ class CEDiceLoss(nn.Module):
         own_probability = torch.exp(-pixel_nll).masked_fill(~counted, 2.0).flatten()
         tenth = own_probability.kthvalue(max(1, own_probability.numel() // 10)).values
         return (own_probability <= tenth.clamp(min=self.ohem_threshold)).view_as(pixel_nll).float()
+
+
+def lovasz_softmax(probs, onehot, valid):
+    """The Lovasz-softmax loss (Berman et al. 2018) over the whole batch, averaged over the classes present in
+    the target. For class c, sort the pixels by error |g_c - p_c|, largest first; the loss is the sum of each
+    error times the growth of the IoU loss |S| / (|G| + |S \\ G|) when that pixel joins the set S of pixels
+    before it (G: the pixels of class c). It is the tightest convex surrogate of 1 - IoU: for one-hot probs it
+    is exactly 1 - IoU. probs and onehot are (N, C, H, W), zero at ignored pixels; valid is (N, 1, H, W),
+    1 = counted. Ignored pixels sort last, where the IoU loss has stopped growing, so they add nothing."""
+    num_classes = probs.shape[1]
+    errors = torch.where(valid > 0, (onehot - probs).abs(), -1.0).transpose(0, 1).reshape(num_classes, -1)
+    errors, order = errors.sort(dim=1, descending=True)
+    onehot = onehot.transpose(0, 1).reshape(num_classes, -1).gather(1, order)
+    present = onehot.sum(1, keepdim=True)
+    iou_loss = 1 - (present - onehot.cumsum(1)) / (present + (1 - onehot).cumsum(1))
+    increments = torch.cat([iou_loss[:, :1], iou_loss[:, 1:] - iou_loss[:, :-1]], dim=1)
+    per_class = (errors.clamp(min=0) * increments).sum(1)
+    is_present = (present[:, 0] > 0).float()
+    return (per_class * is_present).sum() / is_present.sum().clamp(min=1)
 
 
 def median_frequency_weights(pixels, present_pixels):

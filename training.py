@@ -462,7 +462,8 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
     model, optimizer, scheduler, scaler = build_training(config, data.class_table.num_classes, device, memory_format,
                                                          amp_dtype)
     loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
-                         config.class_weight_values, ohem_threshold=config.ohem_threshold).to(device)
+                         config.class_weight_values, ohem_threshold=config.ohem_threshold,
+                         lovasz_weight=config.lovasz_weight).to(device)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average)
     seed_everything(config.seed, rank)

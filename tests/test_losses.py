@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import CEDiceLoss, median_frequency_weights
+from losses import CEDiceLoss, lovasz_softmax, median_frequency_weights
 
 IGNORE = 255
 
@@ -173,12 +173,78 @@ def test_ohem_at_threshold_one_is_plain_ce_and_leaves_dice_alone():
     assert torch.equal(CEDiceLoss(5, ce_weight=0.0, ohem_threshold=0.7)(logits, target), dice_only)
 
 
+def lovasz_by_sets(probs, target, num_classes):
+    """The Lovasz extension of the IoU loss written out with Python sets, one class at a time: the pixels
+    sorted by error, each weighted by how much the IoU loss |S| / |G | S| grows when it joins S."""
+    pixels = [(index, label) for index, label in enumerate(target.flatten().tolist()) if label != IGNORE]
+    flat = probs.permute(1, 0, 2, 3).reshape(num_classes, -1)
+    losses = []
+    for c in range(num_classes):
+        members = {index for index, label in pixels if label == c}
+        if not members:
+            continue
+        errors = {index: abs((label == c) - flat[c, index].item()) for index, label in pixels}
+        chosen, previous, total = set(), 0.0, 0.0
+        for index in sorted(errors, key=errors.get, reverse=True):
+            chosen.add(index)
+            iou_loss = len(chosen) / len(members | chosen)
+            total += errors[index] * (iou_loss - previous)
+            previous = iou_loss
+        losses.append(total)
+    return sum(losses) / len(losses)
+
+
+def lovasz_inputs(logits, target):
+    classes = torch.arange(logits.shape[1]).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).float()
+    valid = onehot.sum(1, keepdim=True)
+    return logits.softmax(1) * valid, onehot, valid
+
+
+def test_lovasz_softmax_matches_its_definition_written_with_sets():
+    logits, target = random_batch(seed=5, n=2, c=4, h=5, w=6)
+    target[target == 3] = 2  # class 3 absent: it is left out of the mean
+    expected = lovasz_by_sets(logits.softmax(1), target, 4)
+    got = lovasz_softmax(*lovasz_inputs(logits, target))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lovasz_softmax_of_one_hot_predictions_is_one_minus_the_iou_of_the_present_classes():
+    gen = torch.Generator().manual_seed(6)
+    predicted = torch.randint(0, 5, (2, 8, 9), generator=gen)
+    target = torch.randint(0, 3, (2, 8, 9), generator=gen)  # classes 3 and 4 absent (but predicted)
+    target[:, 0] = IGNORE
+    counted = target != IGNORE
+    ious = [((predicted == c) & (target == c)).sum() / (((predicted == c) | (target == c)) & counted).sum()
+            for c in range(3)]
+    _, onehot, valid = lovasz_inputs(torch.zeros(2, 5, 8, 9), target)
+    hard = F.one_hot(predicted, 5).permute(0, 3, 1, 2).float() * valid
+    assert lovasz_softmax(hard, onehot, valid).item() == pytest.approx(1 - sum(ious).item() / 3, abs=1e-6)
+
+
+def test_lovasz_term_adds_to_the_loss_and_ignores_void_pixels():
+    logits, target = random_batch(seed=7)
+    plain = CEDiceLoss(5)(logits, target)
+    with_lovasz = CEDiceLoss(5, lovasz_weight=0.5)(logits, target)
+    expected = plain + 0.5 * lovasz_by_sets(logits.softmax(1), target, 5)
+    torch.testing.assert_close(with_lovasz, expected, rtol=1e-6, atol=1e-6)
+    changed = logits.clone()
+    changed[(target == IGNORE).unsqueeze(1).expand_as(logits)] = 100.0
+    torch.testing.assert_close(CEDiceLoss(5, lovasz_weight=1.0)(changed, target),
+                               CEDiceLoss(5, lovasz_weight=1.0)(logits, target))
+    logits.requires_grad_()
+    loss = CEDiceLoss(5, ce_weight=0.0, dice_weight=0.0, lovasz_weight=1.0)(logits, torch.full_like(target, IGNORE))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=3, smooth=0.0), "smooth"),
     (dict(num_classes=3, class_weights=[1.0, 2.0]), "shape"),
     (dict(num_classes=2, class_weights=[1.0, -1.0]), ">= 0"),
     (dict(num_classes=2, ohem_threshold=1.5), "ohem_threshold"),
+    (dict(num_classes=2, lovasz_weight=-1.0), "lovasz_weight"),
 ])
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):

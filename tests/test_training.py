@@ -25,6 +25,7 @@ import synthetic_city
 import training
 import visualize
 import config as config_module
+import losses
 from config import PRESETS, TrainConfig
 from dataset import SegmentationDataset
 from losses import CEDiceLoss, median_frequency_weights
@@ -115,6 +116,7 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--hflip_prob", "1.5"], "--hflip_prob must be in [0, 1], got 1.5"),
     (["--ohem_threshold", "70"], "--ohem_threshold must be in [0, 1], got 70.0"),
+    (["--lovasz_weight", "-1"], "--lovasz_weight must be >= 0, got -1.0"),
     (["--base_lr", "0"], "--base_lr must be > 0, got 0.0"),
     (["--min_lr", "0.01"], "--min_lr must be in [0, --base_lr 0.001], got 0.01"),
     (["--min_lr=-1e-5"], "--min_lr must be in [0, --base_lr 0.001], got -1e-05"),
@@ -717,6 +719,17 @@ def test_ohem_threshold_reaches_the_loss_of_every_step(city, tmp_path, monkeypat
     assert len(masks) >= 3 and all(threshold == 0.7 for threshold, _ in masks)  # 3 steps, then the val loss
     assert all(0 < mask.mean() < 1 for _, mask in masks)  # some pixels are easy already, some hard
     assert json.loads((tmp_path / "run" / "config.json").read_text())["ohem_threshold"] == 0.7
+
+
+def test_lovasz_weight_adds_the_lovasz_term_to_every_step_and_is_off_by_default(city, tmp_path, monkeypatch):
+    terms = []
+    lovasz_softmax = losses.lovasz_softmax
+    monkeypatch.setattr(losses, "lovasz_softmax", lambda *args: terms.append(lovasz_softmax(*args)) or terms[-1])
+    training.main(tiny_args(city, tmp_path / "off", "--training_iterations", "2"))
+    assert terms == []
+    training.main(tiny_args(city, tmp_path / "on", "--training_iterations", "3", "--lovasz_weight", "0.5"))
+    assert len(terms) >= 3 and all(0 < term.item() < 1 for term in terms)  # 3 steps, then the val loss
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["lovasz_weight"] == 0.5
 
 
 @pytest.mark.parametrize("data_cache", ["off", "device"])
