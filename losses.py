@@ -33,8 +33,8 @@ class CEDiceLoss(nn.Module):
     denominator. `smooth` keeps dice_c defined (= 1, i.e. no loss) for a class that is neither
     present nor predicted, and softens the gradient of rare classes.
 
-    The Lovasz-softmax term (off by default; see lovasz_softmax) is a surrogate of 1 - IoU itself, the
-    metric, where the Dice term is one of 1 - F1: it costs a sort of every pixel for every class.
+    The Lovasz-softmax term (off by default; see lovasz_softmax) is a convex surrogate of the batch's
+    1 - IoU, where the Dice term is one of 1 - F1: it costs a sort of every pixel for every class.
     """
 
     def __init__(self, num_classes, ignore_index=255, ce_weight=1.0, dice_weight=1.0,
@@ -111,9 +111,10 @@ def lovasz_softmax(probs, onehot, valid):
     """The Lovasz-softmax loss (Berman et al. 2018) over the whole batch, averaged over the classes present in
     the target. For class c, sort the pixels by error |g_c - p_c|, largest first; the loss is the sum of each
     error times the growth of the IoU loss |S| / (|G| + |S \\ G|) when that pixel joins the set S of pixels
-    before it (G: the pixels of class c). It is the tightest convex surrogate of 1 - IoU: for one-hot probs it
-    is exactly 1 - IoU. probs and onehot are (N, C, H, W), zero at ignored pixels; valid is (N, 1, H, W),
-    1 = counted. Ignored pixels sort last, where the IoU loss has stopped growing, so they add nothing."""
+    before it (G: the pixels of class c). It is the Lovasz extension of 1 - IoU, convex in the errors: for
+    one-hot probs it is exactly 1 - IoU. probs and onehot are (N, C, H, W), zero at ignored pixels; valid is
+    (N, 1, H, W), 1 = counted. Ignored pixels sort last, where the IoU loss has stopped growing, so they add
+    nothing."""
     num_classes = probs.shape[1]
     errors = torch.where(valid > 0, (onehot - probs).abs(), -1.0).transpose(0, 1).reshape(num_classes, -1)
     errors, order = errors.sort(dim=1, descending=True)

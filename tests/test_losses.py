@@ -222,6 +222,13 @@ def test_lovasz_softmax_of_one_hot_predictions_is_one_minus_the_iou_of_the_prese
     assert lovasz_softmax(hard, onehot, valid).item() == pytest.approx(1 - sum(ious).item() / 3, abs=1e-6)
 
 
+def test_lovasz_softmax_gradient_matches_finite_differences():
+    logits, target = random_batch(seed=8, n=2, c=4, h=4, w=5)
+    _, onehot, valid = lovasz_inputs(logits, target)
+    probs = logits.double().softmax(1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: lovasz_softmax(p * valid, onehot.double(), valid.double()), (probs,))
+
+
 def test_lovasz_term_adds_to_the_loss_and_ignores_void_pixels():
     logits, target = random_batch(seed=7)
     plain = CEDiceLoss(5)(logits, target)
