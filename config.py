@@ -72,6 +72,11 @@ class TrainConfig:
                                 "masks (rare classes weigh more), sqrt = the square root of those (milder: rare "
                                 "classes weigh less), or a file with one number per class; the weights "
                                 "used are stored in config.json and the checkpoint", "model and loss")
+    logit_adjustment: float = option(0.0, "remove this fraction of the class weights' bias towards rare classes from "
+                                     "the trained model's predictions (Menon et al.'s logit adjustment): training "
+                                     "is unchanged, the saved model's logits are the weighted model's minus this "
+                                     "times log(class weight); 0 = keep the bias, 1 = remove it all", "model and loss",
+                                     type=float)
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
     lovasz_weight: float = option(0.0, "weight of the Lovasz-softmax term, a surrogate of 1 - IoU over the batch "
@@ -182,7 +187,7 @@ class TrainConfig:
             # a negative --grad_clip would flip the gradients' sign
             *((key, getattr(self, key) >= 0, ">= 0") for key in (
                 "grad_clip", "eval_iterations", "weight_decay", "color_jitter", "num_workers", "warmup_steps",
-                "decay_factor", "lovasz_weight")),
+                "decay_factor", "lovasz_weight", "logit_adjustment")),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("hflip_prob", 0 <= self.hflip_prob <= 1, "in [0, 1]"),
@@ -228,7 +233,8 @@ PRESETS = {
 # Flips are its only augmentation: the model underfits at this budget, and scale and colour jitter slowed it down.
 REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, batch_size=8, accum_steps=1,
                    training_iterations=1100, eval_interval=275, save_model_interval=275, num_workers=1,
-                   scale_range=(1.0, 1.0), color_jitter=0.0, class_weights="auto", decay_factor=1e-2, ema_decay=0.995)
+                   scale_range=(1.0, 1.0), color_jitter=0.0, class_weights="auto", logit_adjustment=0.5,
+                   decay_factor=1e-2, ema_decay=0.995)
 # A GPU affords CamVid's full 480x360, a wider model and about 130 epochs, as the published results train; a run
 # that long needs the scale and colour augmentation back.
 REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, training_iterations=6000, eval_interval=500,
@@ -301,6 +307,7 @@ RESUME_FIXED = {
     "preset": "its settings came from it", "base_channels": "its weights have that shape", "depth": "its weights have that shape",
     "bilinear": "its weights have that shape", "dataset": "its model predicts that data's classes",
     "classes": "its model predicts those classes", "class_weights": "its loss weights stay as they were",
+    "logit_adjustment": "its model's head started from that shift",
     "ema_decay": "its weight average continues as it was",
     "data_cache": "the two pipelines draw different augmentations, so the resume would not be exact",
 }

@@ -14,6 +14,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def logit_shift(class_weights, tau):
+    """tau * log(class weight) per class (0 for a class of weight 0, which CE ignores anyway).
+
+    Class weights in CE make rare classes learnable but bias the model towards predicting them: the weighted
+    loss is minimised by probabilities proportional to weight * true probability. Adding this shift to the
+    logits inside the loss, with the model's head bias started at minus it (training.py), trains step for
+    step like the plain weighted loss (biases have no weight decay and Adam's steps ignore a constant
+    offset), but the model itself then outputs the weighted logits minus the shift: the fraction tau of the
+    weights' bias removed for prediction. This is Menon et al.'s logit adjustment (ICLR 2021) with the class
+    weights as the inverse prior; tau = 1 removes the weights' bias entirely, 0 keeps it.
+    """
+    weights = torch.as_tensor(class_weights, dtype=torch.float32)
+    return torch.where(weights > 0, tau * weights.clamp(min=torch.finfo(torch.float32).tiny).log(),
+                       torch.zeros_like(weights))
+
+
 class CEDiceLoss(nn.Module):
     """ce_weight * CE + dice_weight * (1 - soft Dice) + lovasz_weight * Lovasz-softmax.
 
@@ -35,10 +51,13 @@ class CEDiceLoss(nn.Module):
 
     The Lovasz-softmax term (off by default; see lovasz_softmax) is a convex surrogate of the batch's
     1 - IoU, where the Dice term is one of 1 - F1: it costs a sort of every pixel for every class.
+
+    logit_adjustment tau > 0 adds logit_shift(class_weights, tau) to the logits before every term, so the
+    model learns logits with that shift taken out (see logit_shift).
     """
 
     def __init__(self, num_classes, ignore_index=255, ce_weight=1.0, dice_weight=1.0,
-                 class_weights=None, smooth=1.0, ohem_threshold=0.0, lovasz_weight=0.0):
+                 class_weights=None, smooth=1.0, ohem_threshold=0.0, lovasz_weight=0.0, logit_adjustment=0.0):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"CEDiceLoss: num_classes must be >= 1, got {num_classes}")
@@ -46,6 +65,8 @@ class CEDiceLoss(nn.Module):
             raise ValueError(f"CEDiceLoss: smooth must be > 0 (else an absent class gives 0/0), got {smooth}")
         if lovasz_weight < 0:
             raise ValueError(f"CEDiceLoss: lovasz_weight must be >= 0, got {lovasz_weight}")
+        if logit_adjustment < 0:
+            raise ValueError(f"CEDiceLoss: logit_adjustment must be >= 0, got {logit_adjustment}")
         if not 0 <= ohem_threshold <= 1:
             raise ValueError(f"CEDiceLoss: ohem_threshold must be a probability in [0, 1], got {ohem_threshold}")
         if class_weights is not None:
@@ -63,6 +84,8 @@ class CEDiceLoss(nn.Module):
         self.smooth = smooth
         self.ohem_threshold = ohem_threshold
         self.register_buffer("class_weights", class_weights, persistent=False)
+        shift = logit_shift(class_weights, logit_adjustment) if class_weights is not None else None
+        self.register_buffer("logit_shift", shift if logit_adjustment else None, persistent=False)
 
     def forward(self, logits, target):
         if logits.ndim != 4 or logits.shape[1] != self.num_classes:
@@ -72,7 +95,10 @@ class CEDiceLoss(nn.Module):
             raise ValueError(f"CEDiceLoss: target must be integer (N, H, W) matching logits "
                              f"{tuple(logits.shape)}, got {target.dtype} {tuple(target.shape)}")
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            log_probs = F.log_softmax(logits.float(), dim=1)
+            logits = logits.float()
+            if self.logit_shift is not None:
+                logits = logits + self.logit_shift.view(1, -1, 1, 1)
+            log_probs = F.log_softmax(logits, dim=1)
             classes = torch.arange(self.num_classes, device=target.device).view(1, -1, 1, 1)
             onehot = (target.unsqueeze(1) == classes).float()  # ignored pixels: all zeros
             valid = onehot.sum(1, keepdim=True)  # (N, 1, H, W), 1 = pixel counts

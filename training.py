@@ -35,7 +35,7 @@ from batches import TimedBatches, loader_options, train_batches
 from checkpoint import CHECKPOINT_FILE, Progress, restore, save_checkpoint
 from config import COMPUTED_CLASS_WEIGHTS, TrainConfig, build_parser, from_command_line
 from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, open_layout
-from losses import CEDiceLoss, median_frequency_weights
+from losses import CEDiceLoss, logit_shift, median_frequency_weights
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import ConfusionMatrix, MetricsLog, format_table, scores
 from runtime import (INTERRUPTED_EXIT_CODE, Stopped, UserError, atomic_write, autocast_dtype, keep_freed_memory,
@@ -154,9 +154,13 @@ def build_optimizer(model, config):
 
 
 def build_training(config, num_classes, device, memory_format, amp_dtype):
-    """U-Net (the same initial weights on every rank), AdamW, LR schedule and GradScaler (fp16 only)."""
+    """U-Net (the same initial weights on every rank), AdamW, LR schedule and GradScaler (fp16 only). With
+    --logit_adjustment the head's bias starts at minus the loss's logit shift (losses.logit_shift)."""
     torch.manual_seed(config.seed)
     model = UNet(3, num_classes, config.base_channels, config.depth, config.dropout, config.bilinear)
+    if config.logit_adjustment and config.class_weight_values:
+        with torch.no_grad():
+            model.head.bias -= logit_shift(config.class_weight_values, config.logit_adjustment)
     if config.sync_bn and config.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=memory_format)
@@ -463,7 +467,7 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
                                                          amp_dtype)
     loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
                          config.class_weight_values, ohem_threshold=config.ohem_threshold,
-                         lovasz_weight=config.lovasz_weight).to(device)
+                         lovasz_weight=config.lovasz_weight, logit_adjustment=config.logit_adjustment).to(device)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average)
     seed_everything(config.seed, rank)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import CEDiceLoss, lovasz_softmax, median_frequency_weights
+from losses import CEDiceLoss, logit_shift, lovasz_softmax, median_frequency_weights
 
 IGNORE = 255
 
@@ -245,6 +245,28 @@ def test_lovasz_term_adds_to_the_loss_and_ignores_void_pixels():
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+def test_logit_shift_by_hand():
+    shift = logit_shift([1.0, math.e, 0.0, math.e ** 2, 0.25], 0.5)
+    torch.testing.assert_close(shift, torch.tensor([0.0, 0.5, 0.0, 1.0, 0.5 * math.log(0.25)]))  # weight 0: no shift
+
+
+@pytest.mark.parametrize("ohem_threshold, lovasz_weight", [(0.0, 0.0), (0.7, 1.0)])
+def test_logit_adjustment_is_the_loss_of_the_shifted_logits(ohem_threshold, lovasz_weight):
+    logits, target = random_batch()
+    weights = [0.5, 2.0, 1.0, 0.0, 8.0]
+    options = dict(class_weights=weights, ohem_threshold=ohem_threshold, lovasz_weight=lovasz_weight)
+    shifted = logits + 0.5 * torch.tensor([math.log(0.5), math.log(2.0), 0.0, 0.0, math.log(8.0)]).view(1, -1, 1, 1)
+    adjusted = CEDiceLoss(5, logit_adjustment=0.5, **options)(logits, target)
+    torch.testing.assert_close(adjusted, CEDiceLoss(5, **options)(shifted, target))
+    assert abs(adjusted - CEDiceLoss(5, **options)(logits, target)) > 1e-3  # the shift does change the loss
+
+
+def test_logit_adjustment_without_class_weights_changes_nothing():
+    logits, target = random_batch()
+    torch.testing.assert_close(CEDiceLoss(5, logit_adjustment=1.0)(logits, target), CEDiceLoss(5)(logits, target),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=3, smooth=0.0), "smooth"),
@@ -252,6 +274,7 @@ def test_lovasz_term_adds_to_the_loss_and_ignores_void_pixels():
     (dict(num_classes=2, class_weights=[1.0, -1.0]), ">= 0"),
     (dict(num_classes=2, ohem_threshold=1.5), "ohem_threshold"),
     (dict(num_classes=2, lovasz_weight=-1.0), "lovasz_weight"),
+    (dict(num_classes=2, logit_adjustment=-0.5), "logit_adjustment"),
 ])
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):

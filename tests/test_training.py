@@ -117,6 +117,7 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--hflip_prob", "1.5"], "--hflip_prob must be in [0, 1], got 1.5"),
     (["--ohem_threshold", "70"], "--ohem_threshold must be in [0, 1], got 70.0"),
     (["--lovasz_weight", "-1"], "--lovasz_weight must be >= 0, got -1.0"),
+    (["--logit_adjustment", "-0.5"], "--logit_adjustment must be >= 0, got -0.5"),
     (["--base_lr", "0"], "--base_lr must be > 0, got 0.0"),
     (["--min_lr", "0.01"], "--min_lr must be in [0, --base_lr 0.001], got 0.01"),
     (["--min_lr=-1e-5"], "--min_lr must be in [0, --base_lr 0.001], got -1e-05"),
@@ -730,6 +731,32 @@ def test_lovasz_weight_adds_the_lovasz_term_to_every_step_and_is_off_by_default(
     training.main(tiny_args(city, tmp_path / "on", "--training_iterations", "3", "--lovasz_weight", "0.5"))
     assert len(terms) >= 3 and all(0 < term.item() < 1 for term in terms)  # 3 steps, then the val loss
     assert json.loads((tmp_path / "on" / "config.json").read_text())["lovasz_weight"] == 0.5
+
+
+def test_logit_adjustment_trains_like_the_weighted_loss_and_saves_the_model_with_the_bias_removed(city, tmp_path,
+                                                                                                capsys):
+    """The same run with and without --logit_adjustment: every weight the same, but the head's bias lower by
+    tau * log(class weight), in the weights file and in the checkpoint alike; a resume cannot change tau."""
+    common = ["--training_iterations", "3", "--class_weights", "auto", "--ema_decay", "0.5", "--eval_interval", "10"]
+    training.main(tiny_args(city, tmp_path / "plain", *common))
+    training.main(tiny_args(city, tmp_path / "adjusted", *common, "--logit_adjustment", "0.5"))
+    config = json.loads((tmp_path / "adjusted" / "config.json").read_text())
+    assert config["logit_adjustment"] == 0.5 and PRESETS["camvid"].settings["logit_adjustment"] == 0.5
+    weights = torch.tensor(config["class_weight_values"])
+    assert weights.max() > 2 * weights.min()  # a shift that matters
+    for name, part in (("unet_model.pth", "model"), ("checkpoint.pt", "model"), ("checkpoint.pt", "trained_model")):
+        plain, adjusted = (load(tmp_path / run / name)[part] for run in ("plain", "adjusted"))
+        assert plain.keys() == adjusted.keys()
+        for key in plain:
+            expected = plain[key] - 0.5 * weights.log() if key == "head.bias" else plain[key]
+            torch.testing.assert_close(adjusted[key], expected.to(adjusted[key].dtype), atol=2e-5, rtol=1e-4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(tiny_args(city, tmp_path / "adjusted", "--resume", "auto", "--training_iterations", "4",
+                                "--logit_adjustment", "1"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: --logit_adjustment 1.0: {tmp_path / 'adjusted' / 'checkpoint.pt'} was "
+                                       f"trained with --logit_adjustment 0.5; its model's head started from that shift\n")
 
 
 @pytest.mark.parametrize("data_cache", ["off", "device"])
