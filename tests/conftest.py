@@ -61,6 +61,16 @@ def window_offset(crop, whole):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: bit-identical weights need the same thread count in every run, and on a shared
+    2-core machine one thread beats two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_cityscapes(tmp_path):
     """Factory writing a tiny official-layout tree under tmp_path and returning its root.
 

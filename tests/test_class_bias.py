@@ -3,7 +3,6 @@ inference.py --evaluate on models trained with and without the flag, its resolut
 import json
 
 import pytest
-import torch
 
 import inference
 import training
@@ -14,12 +13,7 @@ TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batc
         "--class_weights", "auto"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table_rows(output):

@@ -212,15 +212,6 @@ def test_unlabelled_split_cannot_be_cached(make_cityscapes):
         DeviceCache(CityscapesDataset(make_cityscapes(), "test", SIZE))
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-identical weights need the same intra-op thread count in every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_weights(city, run_dir, *extra):
     training.main(["--data_root", str(city), "--out_dir", str(run_dir), "--model_path", str(run_dir / "model.pth"),
                    "--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2",

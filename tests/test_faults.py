@@ -20,12 +20,7 @@ TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batc
         "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
