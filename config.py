@@ -75,7 +75,8 @@ class TrainConfig:
     logit_adjustment: float = option(0.0, "remove this fraction of the class weights' bias towards rare classes from "
                                      "the trained model's predictions (Menon et al.'s logit adjustment): training "
                                      "is unchanged, the saved model's logits are the weighted model's minus this "
-                                     "times log(class weight); 0 = keep the bias, 1 = remove it all", "model and loss",
+                                     "times log(class weight); 0 = keep the bias, 1 = remove it all; no effect without "
+                                     "--class_weights", "model and loss",
                                      type=float)
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
@@ -187,11 +188,12 @@ class TrainConfig:
             # a negative --grad_clip would flip the gradients' sign
             *((key, getattr(self, key) >= 0, ">= 0") for key in (
                 "grad_clip", "eval_iterations", "weight_decay", "color_jitter", "num_workers", "warmup_steps",
-                "decay_factor", "lovasz_weight", "logit_adjustment")),
+                "decay_factor", "lovasz_weight")),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("hflip_prob", 0 <= self.hflip_prob <= 1, "in [0, 1]"),
             ("ohem_threshold", 0 <= self.ohem_threshold <= 1, "in [0, 1]"),
+            ("logit_adjustment", 0 <= self.logit_adjustment <= 1, "in [0, 1]"),
             ("base_lr", self.base_lr > 0, "> 0"),
             ("min_lr", 0 <= self.min_lr <= self.base_lr, f"in [0, --base_lr {self.base_lr}]"),
             ("scale_range", 0 < low <= high, "LOW HIGH with 0 < LOW <= HIGH"),

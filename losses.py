@@ -15,15 +15,15 @@ import torch.nn.functional as F
 
 
 def logit_shift(class_weights, tau):
-    """tau * log(class weight) per class (0 for a class of weight 0, which CE ignores anyway).
+    """tau * log(class weight) per class (0 for a class of weight 0, whose log has no finite shift).
 
     Class weights in CE make rare classes learnable but bias the model towards predicting them: the weighted
     loss is minimised by probabilities proportional to weight * true probability. Adding this shift to the
-    logits inside the loss, with the model's head bias started at minus it (training.py), trains step for
-    step like the plain weighted loss (biases have no weight decay and Adam's steps ignore a constant
-    offset), but the model itself then outputs the weighted logits minus the shift: the fraction tau of the
-    weights' bias removed for prediction. This is Menon et al.'s logit adjustment (ICLR 2021) with the class
-    weights as the inverse prior; tau = 1 removes the weights' bias entirely, 0 keeps it.
+    logits inside the loss, with the model's head bias started at minus it (training.py), trains like the
+    plain weighted loss, step for step up to float rounding (biases have no weight decay and Adam's steps
+    ignore a constant offset), but the model itself then outputs the weighted logits minus the shift: the
+    fraction tau of the weights' bias removed for prediction. This is Menon et al.'s logit adjustment (ICLR
+    2021) with the class weights as the inverse prior; tau = 1 removes the weights' bias entirely, 0 keeps it.
     """
     weights = torch.as_tensor(class_weights, dtype=torch.float32)
     return torch.where(weights > 0, tau * weights.clamp(min=torch.finfo(torch.float32).tiny).log(),

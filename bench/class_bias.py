@@ -4,10 +4,10 @@ own resolution, logits upsampled bilinearly), prints three things:
 
 - logit adjustment: the IoU after subtracting TAU * log(class weight) from the logits, for each TAU, on top
   of the model's own --logit_adjustment (what training with that flag would have saved; losses.logit_shift)
-- resolution ceiling: the IoU of the labels themselves taken down to the model's --image_size and back
-  (nearest), i.e. of a perfect prediction at that size
+- labels at the training size and back: the IoU of the labels themselves taken down to the model's
+  --image_size and back (nearest), i.e. of a perfect label map at that size scaled up
 - separable: per class, the best IoU of thresholding that class's probability alone (a grid of 19
-  thresholds), an upper bound on what any bias or threshold could get from these scores
+  thresholds): how well the model's scores tell that class from the rest at all
 
     python -m bench.class_bias --run runs/20261130-092000 --data_root ../shared/camvid --split train
 """
@@ -48,7 +48,7 @@ def sweep(segmenter, dataset, weights, taus):
     for index in range(len(dataset)):
         image, target = dataset[index]
         logits = F.interpolate(segmenter.logits(image[None]), size=target.shape, mode="bilinear",
-                               align_corners=False)[0]
+                               align_corners=False)[0].cpu()
         for tau in taus:
             adjusted[tau].update((logits - logit_shift(weights, tau).view(-1, 1, 1)).argmax(0), target)
         round_trip.update(resize_mask(resize_mask(target, segmenter.image_size), target.shape[::-1]), target)
