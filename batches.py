@@ -201,16 +201,18 @@ class TimedBatches:
         return batch
 
 
-def ignore_sigint(worker_id):
-    """Workers ignore Ctrl-C: the main process decides when to stop and must still get its batches."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id):
+    """Workers ignore Ctrl-C and SIGTERM (which `timeout` and SLURM send to every process of the job): the main
+    process decides when to stop and must still get its batches."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def loader_options(num_workers, device, seed):
     """DataLoader settings for training and validation: persistent prefetching workers, pinned memory on
     CUDA, and a generator of their own (creating an iterator must not draw from the global RNG)."""
     return dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint,
+                prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals,
                 generator=torch.Generator().manual_seed(seed))
 
 

@@ -75,8 +75,8 @@ class TrainConfig:
     logit_adjustment: float = option(0.0, "remove this fraction of the class weights' bias towards rare classes from "
                                      "the trained model's predictions (Menon et al.'s logit adjustment): training "
                                      "is unchanged, the saved model's logits are the weighted model's minus this "
-                                     "times log(class weight); 0 = keep the bias, 1 = remove it all; no effect without "
-                                     "--class_weights", "model and loss",
+                                     "times log(class weight); 0 = keep the bias, 1 = remove it all; needs --class_weights",
+                                     "model and loss",
                                      type=float)
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
@@ -202,6 +202,9 @@ class TrainConfig:
             if not valid:
                 value = list(getattr(self, key)) if key == "scale_range" else getattr(self, key)
                 raise UserError(f"--{key} must be {expected}, got {value}")
+        if self.logit_adjustment and self.class_weights == "none":
+            raise UserError(f"--logit_adjustment {self.logit_adjustment} takes out part of the class weights' bias, "
+                            f"but --class_weights is none; give --class_weights auto, sqrt or a file, or drop it")
 
     def to_dict(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value
@@ -293,6 +296,8 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
     if on_gpu:
         why += "; on a GPU: " + " ".join(f"--{key} {value}" for key, value in on_gpu.items())
     settings = {**preset.settings, **on_gpu, "preset": name, **given, "world_size": world_size}
+    if settings.get("class_weights") == "none" and "logit_adjustment" not in given:
+        settings.pop("logit_adjustment", None)  # the preset's adjustment has no class weights to adjust
     if given.get("dataset", "auto") == "auto":
         settings["dataset"] = data_kind(given["data_root"]) if "data_root" in given else PRESETS[name].settings["dataset"]
     elif "data_root" not in given:  # --dataset alone: where that dataset's own preset keeps it

@@ -29,6 +29,9 @@ THRESHOLDS = torch.linspace(0.05, 0.95, 19)
 
 def class_weights_of(run_dir):
     """(class weights, the logit adjustment the model already has) from a run folder's config.json."""
+    for name in ("config.json", "best_model.pth"):
+        if not (run_dir / name).is_file():
+            raise ValueError(f"{run_dir}: no {name}; --run takes a training run folder after its first evaluation")
     config = json.loads((run_dir / "config.json").read_text())
     if not config.get("class_weight_values"):
         raise ValueError(f"{run_dir / 'config.json'}: this run used no class weights, so there is no bias to take out")

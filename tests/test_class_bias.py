@@ -89,7 +89,12 @@ def test_tau_rows_are_what_training_with_that_logit_adjustment_evaluates_to(make
     assert np.nanmax(best) > 0.05  # not all zeros, so the comparison above tells something
 
 
-def test_a_run_without_class_weights_is_a_one_line_error(tmp_path):
+def test_a_folder_that_is_no_run_or_a_run_without_class_weights_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="no config.json; --run takes a training run folder"):
+        class_bias.class_weights_of(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"class_weights": "none", "class_weight_values": None}))
+    with pytest.raises(ValueError, match="no best_model.pth; --run takes a training run folder"):
+        class_bias.class_weights_of(tmp_path)
+    (tmp_path / "best_model.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="used no class weights"):
         class_bias.class_weights_of(tmp_path)

@@ -119,6 +119,8 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--lovasz_weight", "-1"], "--lovasz_weight must be >= 0, got -1.0"),
     (["--logit_adjustment", "-0.5"], "--logit_adjustment must be in [0, 1], got -0.5"),
     (["--logit_adjustment", "inf"], "--logit_adjustment must be in [0, 1], got inf"),
+    (["--logit_adjustment", "0.5"], "--logit_adjustment 0.5 takes out part of the class weights' bias, but "
+                                    "--class_weights is none; give --class_weights auto, sqrt or a file, or drop it"),
     (["--base_lr", "0"], "--base_lr must be > 0, got 0.0"),
     (["--min_lr", "0.01"], "--min_lr must be in [0, --base_lr 0.001], got 0.01"),
     (["--min_lr=-1e-5"], "--min_lr must be in [0, --base_lr 0.001], got -1e-05"),
@@ -242,6 +244,17 @@ def test_the_camvid_preset_trains_at_full_size_on_a_gpu(make_camvid, monkeypatch
     on_cpu, why = config_module.resolve({"data_root": root, "device": "cpu"})
     assert (on_cpu.image_size, on_cpu.base_channels, why) == ("240x180", 16, f"camvid data at {root}")
     assert (on_cpu.scale_range, on_cpu.color_jitter, on_cpu.hflip_prob) == ((1.0, 1.0), 0.0, 0.5)  # flips only
+
+
+def test_the_camvid_presets_logit_adjustment_goes_with_its_class_weights(make_camvid):
+    root = str(make_camvid())
+    preset, _ = config_module.resolve({"data_root": root, "device": "cpu"})
+    assert (preset.class_weights, preset.logit_adjustment) == ("auto", 0.5)
+    unweighted, _ = config_module.resolve({"data_root": root, "device": "cpu", "class_weights": "none"})
+    assert unweighted.logit_adjustment == 0.0  # nothing to adjust, and config.json says so
+    with pytest.raises(config_module.UserError, match="--logit_adjustment 0.5 takes out part of the class weights' "
+                                                      "bias, but --class_weights is none"):
+        config_module.resolve({"data_root": root, "class_weights": "none", "logit_adjustment": 0.5})
 
 
 def test_a_synthetic_city_at_data_root_trains_the_demo_as_it_is(tmp_path, monkeypatch, capsys):
@@ -540,10 +553,10 @@ def test_nonfinite_steps_are_tallied_on_the_device_and_read_at_log_steps(city, t
     assert "error: 4 consecutive non-finite steps (at step 4)" in capsys.readouterr().err
 
 
-def start_training(args, log_path):
+def start_training(args, log_path, new_session=False):
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "training.py", *args], cwd=REPO, env=ENV, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def test_resume_after_sigkill_is_bit_exact(city, tmp_path):
@@ -579,13 +592,20 @@ def test_resume_after_sigkill_is_bit_exact(city, tmp_path):
     assert [(r["step"], r["miou"]) for r in got_evals] == [(r["step"], r["miou"]) for r in expected_evals]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(city, tmp_path):
+@pytest.mark.parametrize("stop_signal, whole_group", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(city, tmp_path, stop_signal, whole_group):
+    """Ctrl-C to the main process, and SIGTERM to its whole process group, DataLoader worker included, as
+    `timeout` and SLURM's --signal send it."""
     run_dir = tmp_path / "run"
-    process = start_training(tiny_args(city, run_dir, "--training_iterations", "100000"), tmp_path / "log")
+    process = start_training(tiny_args(city, run_dir, "--training_iterations", "100000", "--num_workers", "1"),
+                             tmp_path / "log", new_session=whole_group)
     while not ((run_dir / "metrics.jsonl").exists() and len(records(run_dir)[0]) >= 2):
         assert process.poll() is None, (tmp_path / "log").read_text()
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    if whole_group:
+        os.killpg(process.pid, stop_signal)
+    else:
+        process.send_signal(stop_signal)
     assert process.wait(timeout=60) == training.INTERRUPTED_EXIT_CODE
     output = (tmp_path / "log").read_text()
     assert "Traceback" not in output and "interrupted at step" in output
