@@ -75,9 +75,8 @@ class TrainConfig:
     logit_adjustment: float = option(0.0, "remove this fraction of the class weights' bias towards rare classes from "
                                      "the trained model's predictions (Menon et al.'s logit adjustment): training "
                                      "is unchanged, the saved model's logits are the weighted model's minus this "
-                                     "times log(class weight); 0 = keep the bias, 1 = remove it all; needs --class_weights",
-                                     "model and loss",
-                                     type=float)
+                                     "times log(class weight); 0 = keep the bias, 1 = remove it all; needs "
+                                     "--class_weights", "model and loss", type=float)
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
     lovasz_weight: float = option(0.0, "weight of the Lovasz-softmax term, a surrogate of 1 - IoU over the batch "
