@@ -84,8 +84,8 @@ class CEDiceLoss(nn.Module):
         self.smooth = smooth
         self.ohem_threshold = ohem_threshold
         self.register_buffer("class_weights", class_weights, persistent=False)
-        shift = logit_shift(class_weights, logit_adjustment) if class_weights is not None else None
-        self.register_buffer("logit_shift", shift if logit_adjustment else None, persistent=False)
+        shift = logit_shift(class_weights, logit_adjustment) if logit_adjustment and class_weights is not None else None
+        self.register_buffer("logit_shift", shift, persistent=False)
 
     def forward(self, logits, target):
         if logits.ndim != 4 or logits.shape[1] != self.num_classes:

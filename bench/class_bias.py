@@ -48,12 +48,13 @@ def sweep(segmenter, dataset, weights, taus):
     true_pos = torch.zeros(num_classes, len(THRESHOLDS))
     false_pos = torch.zeros(num_classes, len(THRESHOLDS))
     true_pixels = torch.zeros(num_classes)
+    shifts = {tau: logit_shift(weights, tau).view(-1, 1, 1) for tau in taus}
     for index in range(len(dataset)):
         image, target = dataset[index]
         logits = F.interpolate(segmenter.logits(image[None]), size=target.shape, mode="bilinear",
                                align_corners=False)[0].cpu()
         for tau in taus:
-            adjusted[tau].update((logits - logit_shift(weights, tau).view(-1, 1, 1)).argmax(0), target)
+            adjusted[tau].update((logits - shifts[tau]).argmax(0), target)
         round_trip.update(resize_mask(resize_mask(target, segmenter.image_size), target.shape[::-1]), target)
         probabilities, valid = logits.softmax(0), target < num_classes
         for label in range(num_classes):
