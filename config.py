@@ -79,6 +79,9 @@ class TrainConfig:
                                      "--class_weights", "model and loss", type=float)
     ce_weight: float = option(1.0, "weight of the cross-entropy term", "model and loss", type=float)
     dice_weight: float = option(1.0, "weight of the Dice term", "model and loss", type=float)
+    dice_per_image: bool = option(False, "Dice per image and class, averaged over the (image, class) pairs, instead "
+                                  "of per class over the whole batch: one photo's thin poles weigh as much as "
+                                  "another's near ones", "model and loss", **SWITCH)
     lovasz_weight: float = option(0.0, "weight of the Lovasz-softmax term, a surrogate of 1 - IoU over the batch "
                                   "(Berman et al. 2018); it sorts every pixel for every class, which made a CamVid "
                                   "step about a fifth longer on a CPU; 0 = off", "model and loss", type=float)

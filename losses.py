@@ -48,6 +48,9 @@ class CEDiceLoss(nn.Module):
     p and g are both zeroed at ignored pixels, so those count in neither numerator nor
     denominator. `smooth` keeps dice_c defined (= 1, i.e. no loss) for a class that is neither
     present nor predicted, and softens the gradient of rare classes.
+    With dice_per_image the sums run over each image's pixels alone and the mean over every (image, class)
+    pair (MONAI's default): the thin poles of one photo then weigh as much as the near ones of another,
+    and a class predicted where it is absent costs that photo's whole pair.
 
     The Lovasz-softmax term (off by default; see lovasz_softmax) is a convex surrogate of the batch's
     1 - IoU, where the Dice term is one of 1 - F1: it costs a sort of every pixel for every class.
@@ -57,7 +60,8 @@ class CEDiceLoss(nn.Module):
     """
 
     def __init__(self, num_classes, ignore_index=255, ce_weight=1.0, dice_weight=1.0,
-                 class_weights=None, smooth=1.0, ohem_threshold=0.0, lovasz_weight=0.0, logit_adjustment=0.0):
+                 class_weights=None, smooth=1.0, ohem_threshold=0.0, lovasz_weight=0.0, logit_adjustment=0.0,
+                 dice_per_image=False):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"CEDiceLoss: num_classes must be >= 1, got {num_classes}")
@@ -83,6 +87,7 @@ class CEDiceLoss(nn.Module):
         self.lovasz_weight = lovasz_weight
         self.smooth = smooth
         self.ohem_threshold = ohem_threshold
+        self.dice_sum_dims = (2, 3) if dice_per_image else (0, 2, 3)
         self.register_buffer("class_weights", class_weights, persistent=False)
         shift = logit_shift(class_weights, logit_adjustment) if logit_adjustment and class_weights is not None else None
         self.register_buffer("logit_shift", shift, persistent=False)
@@ -114,8 +119,8 @@ class CEDiceLoss(nn.Module):
             ce = (pixel_weight * pixel_nll).sum() / safe_total
 
             probs = log_probs.exp() * valid
-            intersection = (probs * onehot).sum((0, 2, 3))
-            cardinality = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+            intersection = (probs * onehot).sum(self.dice_sum_dims)
+            cardinality = probs.sum(self.dice_sum_dims) + onehot.sum(self.dice_sum_dims)
             dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
             dice_loss = 1 - dice.mean()
             loss = self.ce_weight * ce + self.dice_weight * dice_loss

@@ -467,7 +467,8 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
                                                          amp_dtype)
     loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
                          config.class_weight_values, ohem_threshold=config.ohem_threshold,
-                         lovasz_weight=config.lovasz_weight, logit_adjustment=config.logit_adjustment).to(device)
+                         lovasz_weight=config.lovasz_weight, logit_adjustment=config.logit_adjustment,
+                         dice_per_image=config.dice_per_image).to(device)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average)
     seed_everything(config.seed, rank)

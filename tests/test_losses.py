@@ -129,6 +129,26 @@ def test_class_weights_are_float32_and_not_checkpointed():
     assert criterion.state_dict() == {}
 
 
+def test_dice_per_image_by_hand_and_as_the_mean_of_one_image_batches():
+    logits, target = random_batch(seed=3, n=3)
+    probs = logits.softmax(1).numpy()
+    valid = (target != IGNORE).numpy()
+    expected = []
+    for n in range(3):
+        for c in range(5):
+            p = probs[n, c] * valid[n]
+            g = (target[n] == c).numpy()
+            expected.append((2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1))
+    per_image = CEDiceLoss(5, ce_weight=0.0, dice_per_image=True)(logits, target)
+    assert per_image.item() == pytest.approx(1 - sum(expected) / len(expected), abs=1e-6)
+    one_image_batches = [CEDiceLoss(5, ce_weight=0.0)(logits[n:n + 1], target[n:n + 1]) for n in range(3)]
+    torch.testing.assert_close(per_image, torch.stack(one_image_batches).mean())
+    batch = CEDiceLoss(5, ce_weight=0.0)(logits, target)
+    assert abs(batch.item() - per_image.item()) > 1e-3  # on a batch of several images it is another loss
+    ce_only = CEDiceLoss(5, dice_weight=0.0)
+    assert CEDiceLoss(5, dice_weight=0.0, dice_per_image=True)(logits, target).item() == ce_only(logits, target).item()
+
+
 def hard_pixel_ce(logits, target, weights, threshold):
     """Reference OHEM CE by hand: keep the counted pixels (valid, of a class weighted > 0) with p(own class) <=
     max(threshold, the tenth-lowest p), with p = 2 elsewhere (never kept unless fewer than a tenth count)."""

@@ -743,6 +743,17 @@ def test_ohem_threshold_reaches_the_loss_of_every_step(city, tmp_path, monkeypat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["ohem_threshold"] == 0.7
 
 
+def test_dice_per_image_reaches_the_loss_and_is_off_by_default(city, tmp_path, monkeypatch):
+    built = []
+    init = training.CEDiceLoss.__init__
+    monkeypatch.setattr(training.CEDiceLoss, "__init__",
+                        lambda self, *args, **kwargs: init(self, *args, **kwargs) or built.append(self.dice_sum_dims))
+    training.main(tiny_args(city, tmp_path / "off", "--training_iterations", "1"))
+    training.main(tiny_args(city, tmp_path / "on", "--training_iterations", "1", "--dice_per_image"))
+    assert built == [(0, 2, 3), (2, 3)]
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["dice_per_image"] is True
+
+
 def test_lovasz_weight_adds_the_lovasz_term_to_every_step_and_is_off_by_default(city, tmp_path, monkeypatch):
     terms = []
     lovasz_softmax = losses.lovasz_softmax
