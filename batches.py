@@ -14,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from dataset import IGNORE_INDEX, MEAN, STD, DatasetError, SegmentationDataset
+from dataset import IGNORE_INDEX, MEAN, STD, DatasetError, SegmentationDataset, paste
+
+PASTE_STREAM = 1  # derived_seed(sample seed, PASTE_STREAM) seeds a sample's copy-paste draws in the cache
 
 
 def derived_seed(*keys):
@@ -75,16 +77,21 @@ class DeviceCache:
     dataset's own. With it, each sample's parameters come from its own seed (augmentation stays a pure
     function of (seed, epoch, index)), drawn from the same distributions as build_transform's, not the same
     pixels: downscaling without antialiasing, and jitter's three factors in a fixed order on float pixels.
+    Copy-paste (paste_prob, paste_classes) comes first, as in the dataset.
     """
 
     def __init__(self, dataset: SegmentationDataset, device="cpu", scale_range=(0.5, 2.0), hflip_prob=0.5,
-                 color_jitter=0.2, num_workers=0, crop_size=None):
+                 color_jitter=0.2, num_workers=0, crop_size=None, paste_prob=0.0, paste_classes=()):
         if not dataset.has_labels:
             raise DatasetError(f"split {dataset.split!r} has no labels, so it cannot be cached for training")
         if not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
         self.device = torch.device(device)
+        if not 0 <= paste_prob <= 1:
+            raise ValueError(f"paste_prob must be in [0, 1], got {paste_prob}")
         self.scale_range, self.hflip_prob, self.color_jitter = tuple(scale_range), hflip_prob, color_jitter
+        self.paste_prob = paste_prob if paste_classes else 0.0
+        self.paste_classes = torch.tensor(paste_classes, dtype=torch.uint8, device=self.device)
         width, height = dataset.image_size
         self.crop_size = tuple(crop_size or dataset.image_size)
         self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8, device=self.device)
@@ -108,11 +115,24 @@ class DeviceCache:
 
     def batch(self, indices, sample_seeds, augment=True) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.to_device(torch.as_tensor(list(indices)))
-        images = F.to_dtype(self.images[rows], torch.float32, scale=True)
-        masks = self.masks[rows]
+        images, masks = self.images[rows], self.masks[rows]
+        if augment and self.paste_prob:
+            images, masks = self.copy_paste(images, masks, sample_seeds)
+        images = F.to_dtype(images, torch.float32, scale=True)
         if augment:
             images, masks = self.augment(images, masks, sample_seeds)
         return F.normalize(images, MEAN, STD), masks.long()
+
+    def copy_paste(self, images, masks, sample_seeds):
+        """dataset.paste on the samples whose own seed says so, from the donor (and mirroring) it draws."""
+        generators = [torch.Generator().manual_seed(derived_seed(int(seed), PASTE_STREAM)) for seed in sample_seeds]
+        draws = torch.stack([torch.rand(3, generator=generator, dtype=torch.float64) for generator in generators])
+        chosen = self.to_device(draws[:, 0] < self.paste_prob)
+        donors = self.to_device((draws[:, 1] * len(self)).long().clamp(max=len(self) - 1))
+        pasted_images, pasted_masks = paste(images, masks, self.images[donors], self.masks[donors],
+                                            self.paste_classes, self.to_device(draws[:, 2] < 0.5))
+        return (torch.where(chosen[:, None, None, None], pasted_images, images),
+                torch.where(chosen[:, None, None], pasted_masks, masks))
 
     def draw_parameters(self, sample_seeds) -> torch.Tensor:
         """(B, 7) float64 on the CPU: per sample, uniform draws for scale, crop x, crop y, flip, brightness,
@@ -232,5 +252,6 @@ def train_batches(train_set, config, rank, world_size, device, samples_seen):
     if rank == 0:
         print(f"caching {len(train_set)} train images ({cache_bytes / 2**30:.2f} GiB) on {device}")
     cache = DeviceCache(train_set, device, tuple(config.scale_range), config.hflip_prob, config.color_jitter,
-                        num_workers=config.num_workers, crop_size=train_set.crop_size)
+                        num_workers=config.num_workers, crop_size=train_set.crop_size, paste_prob=train_set.paste_prob,
+                        paste_classes=train_set.paste_classes.tolist())
     return CachedBatches(cache, sampler, config.batch_size)

@@ -60,6 +60,10 @@ class TrainConfig:
                                 type=float, nargs=2)
     hflip_prob: float = option(0.5, "augmentation: horizontal flip probability", "data", type=float)
     color_jitter: float = option(0.2, "augmentation: brightness/contrast/saturation jitter", "data", type=float)
+    copy_paste: float = option(0.0, "augmentation: probability that a train photo gets the rare classes' pixels of "
+                               "another train photo (mirrored half the time) pasted in where they lie, so that rare "
+                               "objects are seen in new surroundings; rare = below the median class frequency, "
+                               "found once from the train masks and stored in config.json", "data", type=float)
 
     base_channels: int = option(64, "U-Net width of the first stage", "model and loss", type=int)
     depth: int = option(4, "U-Net down-sampling stages", "model and loss", type=int)
@@ -147,12 +151,15 @@ class TrainConfig:
     seed: int = option(0, "seed of weights, data order, augmentation and dropout", "system and speed", type=int)
     world_size: int = 1  # processes (torchrun sets it); not a flag
     class_weight_values: tuple | None = None  # the weights --class_weights resolved to, once; not a flag
+    paste_classes: tuple | None = None  # the rare classes --copy_paste pastes, found once; not a flag
 
     def __post_init__(self):
         self.scale_range = tuple(self.scale_range)
         self.classes = None if self.classes is None else tuple(self.classes)
         if self.class_weight_values is not None:
             self.class_weight_values = tuple(self.class_weight_values)
+        if self.paste_classes is not None:
+            self.paste_classes = tuple(self.paste_classes)
         self.validate()
 
     @property
@@ -194,6 +201,7 @@ class TrainConfig:
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("hflip_prob", 0 <= self.hflip_prob <= 1, "in [0, 1]"),
+            ("copy_paste", 0 <= self.copy_paste <= 1, "in [0, 1]"),
             ("ohem_threshold", 0 <= self.ohem_threshold <= 1, "in [0, 1]"),
             ("logit_adjustment", 0 <= self.logit_adjustment <= 1, "in [0, 1]"),
             ("base_lr", self.base_lr > 0, "> 0"),

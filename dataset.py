@@ -512,6 +512,17 @@ def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5,
     return v2.Compose(steps)
 
 
+def paste(image, mask, donor_image, donor_mask, classes: torch.Tensor, mirrored=False):
+    """Copy-paste (Ghiasi et al. 2021): the donor's pixels of `classes` replace the image's and the mask's where
+    they lie (the donor mirrored first if asked), so a rare object is seen in front of new surroundings.
+    uint8 (..., 3, H, W) images and (..., H, W) masks; mirrored may be a bool tensor (...) per sample."""
+    mirrored = torch.as_tensor(mirrored)
+    donor_image = torch.where(mirrored[..., None, None, None], donor_image.flip(-1), donor_image)
+    donor_mask = torch.where(mirrored[..., None, None], donor_mask.flip(-1), donor_mask)
+    pasted = torch.isin(donor_mask, classes.to(donor_mask.device))
+    return torch.where(pasted.unsqueeze(-3), donor_image, image), torch.where(pasted, donor_mask, mask)
+
+
 def to_model_input(image: torch.Tensor, image_size, mean=MEAN, std=STD) -> torch.Tensor:
     """uint8 (3, H, W) photo -> normalised float (3, h, w) at the training size: what the model sees."""
     if tuple(image.shape[-1:-3:-1]) != tuple(image_size):
@@ -530,7 +541,9 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 class SegmentationDataset(torch.utils.data.Dataset):
     """One split of a dataset on disk. ds[i] -> (image float32 (3,H,W) normalised at image_size, mask int64
     (H,W) of class indices with IGNORE_INDEX for void); a split without labels gives the image only. With
-    augment, items are random crops of crop_size (default: image_size) from the randomly scaled image.
+    augment, items are random crops of crop_size (default: image_size) from the randomly scaled image, after
+    copy-paste: with probability paste_prob the pixels of paste_classes in another random photo of the split
+    (mirrored half the time) replace the item's own, where they lie.
 
     layout: "auto" (recognised from the folder), "cityscapes", "camvid", "folder", or a layout object.
     classes: None (the layout's default classes), a list of names, or a ClassTable. Files whose size differs
@@ -540,7 +553,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="train", image_size=(512, 256), classes=None, augment=False, layout="auto",
                  use_train_id_files=False, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2,
-                 label_resolution=False, mean=MEAN, std=STD, crop_size=None):
+                 label_resolution=False, mean=MEAN, std=STD, crop_size=None, paste_prob=0.0, paste_classes=()):
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.layout = layout if not isinstance(layout, str) else open_layout(root, layout, use_train_id_files)
@@ -554,6 +567,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.has_labels = all(mask is not None for _, mask in self.samples)
         if augment and not self.has_labels:
             raise DatasetError(f"split {split!r} has no labels, so it cannot be augmented (use it for inference only)")
+        if not 0 <= paste_prob <= 1:
+            raise ValueError(f"paste_prob must be in [0, 1], got {paste_prob}")
+        self.paste_prob = paste_prob if augment and paste_classes else 0.0
+        self.paste_classes = torch.tensor(paste_classes, dtype=torch.uint8)
         self.mean, self.std = tuple(mean), tuple(std)
         self.transform = build_transform(self.image_size, augment, scale_range, hflip_prob, color_jitter, mean, std,
                                          self.crop_size)
@@ -567,6 +584,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
         if self.label_resolution:
             return to_model_input(image, self.image_size, self.mean, self.std), mask.long()
+        if self.paste_prob and torch.rand(()) < self.paste_prob:
+            donor_index, mirrored = int(torch.randint(len(self), ())), bool(torch.rand(()) < 0.5)
+            image, mask = paste(image, mask, *self.read_sample(donor_index), self.paste_classes, mirrored)
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 

@@ -128,10 +128,11 @@ def build_data(config, rank, device, samples_seen):
     layout = open_layout(root, "cityscapes" if config.dataset == "synthetic" else config.dataset, config.train_id_files)
     class_table = layout.class_table(config.classes)
     common = dict(image_size=config.size, classes=class_table, layout=layout)
+    resolve_class_statistics(config, SegmentationDataset(root, "train", **common), rank)
     train_set = SegmentationDataset(root, "train", augment=True, scale_range=config.scale_range,
                                     hflip_prob=config.hflip_prob, color_jitter=config.color_jitter,
-                                    crop_size=config.crop, **common)
-    resolve_class_weights(config, train_set, rank)
+                                    crop_size=config.crop, paste_prob=config.copy_paste,
+                                    paste_classes=config.paste_classes or (), **common)
     val_set = SegmentationDataset(root, "val", label_resolution=True, **common)
     snapshot_set = SegmentationDataset(root, "val", **common)
     shard = Subset(val_set, range(rank, len(val_set), config.world_size))
@@ -170,18 +171,35 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
     return model, optimizer, scheduler, scaler
 
 
-def resolve_class_weights(config, train_set, rank):
-    """config.class_weight_values from --class_weights, computed once (auto: median-frequency balancing of the train
-    masks, sqrt: their square root; a file: one number per class) and kept in the config, so a resume uses the same
-    weights."""
+def resolve_class_statistics(config, train_set, rank):
+    """What the train masks decide, found once and kept in the config so that a resume uses the same: the class
+    weights (config.class_weight_values, from --class_weights) and the rare classes that --copy_paste pastes
+    (config.paste_classes: median-frequency weight above 1, i.e. rarer than the median class). The masks are
+    scanned once, on rank 0, and the result shared with the other ranks."""
+    needs_weights = config.class_weights in COMPUTED_CLASS_WEIGHTS and config.class_weight_values is None
+    needs_paste_classes = config.copy_paste > 0 and config.paste_classes is None
+    balancing = None
+    if needs_weights or needs_paste_classes:
+        balancing = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
+        if config.world_size > 1:
+            dist.broadcast_object_list(balancing)
+        balancing = balancing[0]
+    resolve_class_weights(config, train_set.class_table.names, balancing, rank)
+    if needs_paste_classes:
+        config.paste_classes = tuple(c for c, weight in enumerate(balancing) if weight > 1)
+        if rank == 0:
+            names = train_set.class_table.names
+            print(f"copy-paste ({config.copy_paste:g} of the train photos): "
+                  + ", ".join(names[c] for c in config.paste_classes))
+
+
+def resolve_class_weights(config, names, balancing, rank):
+    """config.class_weight_values from --class_weights (auto: the median-frequency weights `balancing`, sqrt:
+    their square root; a file: one number per class), once."""
     if config.class_weights == "none" or config.class_weight_values is not None:
         return
-    names = train_set.class_table.names
-    if config.class_weights in COMPUTED_CLASS_WEIGHTS:  # one scan of the masks, on rank 0, shared with the others
-        weights = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
-        if config.world_size > 1:
-            dist.broadcast_object_list(weights)
-        weights = weights[0] if config.class_weights == "auto" else [math.sqrt(weight) for weight in weights[0]]
+    if config.class_weights in COMPUTED_CLASS_WEIGHTS:
+        weights = balancing if config.class_weights == "auto" else [math.sqrt(weight) for weight in balancing]
     else:
         try:
             weights = [float(word) for word in Path(config.class_weights).read_text().split()]

@@ -12,8 +12,8 @@ from PIL import Image
 import dataset
 import synthetic_city
 from conftest import window_offset
-from dataset import (IGNORE_INDEX, ClassTable, DatasetError, SegmentationDataset, denormalize, has_cityscapes, prepare,
-                     write_image_atomically)
+from dataset import (IGNORE_INDEX, ClassTable, DatasetError, SegmentationDataset, denormalize, has_cityscapes, paste,
+                     prepare, write_image_atomically)
 from runtime import one_line, parse_size
 from visualize import colorize, legend_image, overlay, save_prediction_grid
 
@@ -217,6 +217,66 @@ def test_color_jitter_changes_image_not_mask(make_cityscapes):
     plain = CityscapesDataset(root, "train", image_size=(64, 32))[0]
     assert torch.equal(jittered[1], plain[1])
     assert not torch.allclose(jittered[0], plain[0])
+
+
+def test_paste_by_hand_single_and_batched():
+    image, mask = torch.zeros(3, 2, 3, dtype=torch.uint8), torch.zeros(2, 3, dtype=torch.uint8)
+    donor_image = torch.arange(100, 118, dtype=torch.uint8).view(3, 2, 3)
+    donor_mask = torch.tensor([[1, 2, IGNORE_INDEX], [2, 0, 1]], dtype=torch.uint8)
+    classes = torch.tensor([1, IGNORE_INDEX], dtype=torch.uint8)  # void is pasted only if asked for
+    pasted_image, pasted_mask = paste(image, mask, donor_image, donor_mask, classes)
+    assert pasted_mask.tolist() == [[1, 0, IGNORE_INDEX], [0, 0, 1]]
+    assert pasted_image[0].tolist() == [[100, 0, 102], [0, 0, 105]]
+    assert pasted_image[2].tolist() == [[112, 0, 114], [0, 0, 117]]
+    mirrored_image, mirrored_mask = paste(image, mask, donor_image, donor_mask, classes[:1], mirrored=True)
+    assert mirrored_mask.tolist() == [[0, 0, 1], [1, 0, 0]]  # the donor flipped left-right first
+    assert mirrored_image[1].tolist() == [[0, 0, 106], [111, 0, 0]]
+    batch = paste(torch.stack([image, image]), torch.stack([mask, mask]), torch.stack([donor_image, donor_image]),
+                  torch.stack([donor_mask, donor_mask]), classes[:1], torch.tensor([False, True]))
+    single = paste(image, mask, donor_image, donor_mask, classes[:1])
+    assert torch.equal(batch[0][0], single[0]) and torch.equal(batch[1][0], single[1])
+    assert torch.equal(batch[0][1], mirrored_image) and torch.equal(batch[1][1], mirrored_mask)
+
+
+def test_copy_paste_puts_another_photos_class_pixels_where_they_lie(make_cityscapes):
+    """Scale 1, no flip, no jitter: each item is its photo with some train photo's (possibly mirrored)
+    pixels of the pasted classes on top, image and mask alike; donors and mirroring vary with the draw."""
+    root = make_cityscapes(block=8)
+    classes = tuple(range(0, 19, 2))
+    options = dict(image_size=(64, 32), augment=True, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0)
+    pasting = CityscapesDataset(root, "train", paste_prob=1.0, paste_classes=classes, **options)
+    sources = [pasting.read_sample(index) for index in range(len(pasting))]
+    torch.manual_seed(0)
+    donors_seen, changed = set(), 0
+    for draw in range(16):
+        index = draw % len(pasting)
+        image, mask = pasting[index]
+        candidates = {(donor, mirrored): paste(*sources[index], *sources[donor], torch.tensor(classes), mirrored)
+                      for donor in range(len(pasting)) for mirrored in (False, True)}
+        matches = [key for key, (_, pasted) in candidates.items() if torch.equal(mask, pasted.long())]
+        assert matches, f"draw {draw}: not a paste of any train photo"
+        expected_image = candidates[matches[0]][0].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(denormalize(image).astype(int) - expected_image).max() <= 1
+        changed += not torch.equal(mask, sources[index][1].long())
+        donors_seen.update(matches if len(matches) == 1 else [])
+        moved = mask != sources[index][1].long()
+        assert np.isin(mask[moved].numpy(), classes).all()  # only the pasted classes arrive
+    assert changed >= 12 and len({donor for donor, _ in donors_seen}) >= 2 and len({m for _, m in donors_seen}) == 2
+
+
+def test_copy_paste_off_leaves_the_augmentation_draws_as_they_were(make_cityscapes):
+    root = make_cityscapes(block=8)
+    plain = CityscapesDataset(root, "train", image_size=(64, 32), augment=True)
+    off = CityscapesDataset(root, "train", image_size=(64, 32), augment=True, paste_prob=0.0, paste_classes=(1, 2))
+    no_classes = CityscapesDataset(root, "train", image_size=(64, 32), augment=True, paste_prob=1.0)
+    for dataset_ in (off, no_classes):
+        torch.manual_seed(5)
+        expected = plain[1]
+        torch.manual_seed(5)
+        item = dataset_[1]
+        assert torch.equal(item[0], expected[0]) and torch.equal(item[1], expected[1])
+    with pytest.raises(ValueError, match=r"paste_prob must be in \[0, 1\], got 1.5"):
+        CityscapesDataset(root, "train", image_size=(64, 32), augment=True, paste_prob=1.5, paste_classes=(1,))
 
 
 def test_test_split_returns_images_only(make_cityscapes):

@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as F
 import training
 from batches import DeviceCache, jitter
 from conftest import window_offset
-from dataset import IGNORE_INDEX, SegmentationDataset, denormalize
+from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, paste
 
 SIZE = (64, 32)
 
@@ -162,6 +162,39 @@ def test_flips_follow_hflip_prob(train_set):
     unflipped = sum(torch.equal(mask, plain) for mask in masks)
     assert flipped + unflipped == 200
     assert 70 <= flipped <= 130  # Binomial(200, 0.5): 100 +- 4.2 standard deviations
+
+
+def test_copy_paste_in_the_cache_pastes_a_drawn_donor_per_sample(train_set):
+    """As the dataset's copy-paste: each augmented sample is its photo with a train photo's (possibly mirrored)
+    pixels of the pasted classes on top; about paste_prob of the samples are pasted; each sample's paste is
+    a function of its own seed; paste_prob 0 leaves every batch as it was."""
+    classes = tuple(range(1, 19, 2))
+    plain_cache = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0)
+    cache = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0, paste_prob=0.5,
+                        paste_classes=classes)
+    order, seeds = [0, 1, 2, 3] * 50, range(200)
+    images, masks = cache.batch(order, seeds)
+    pasted, donors_seen = 0, set()
+    for row, index in enumerate(order):
+        candidates = {(donor, mirrored): paste(cache.images[index], cache.masks[index], cache.images[donor],
+                                               cache.masks[donor], torch.tensor(classes), mirrored)
+                      for donor in range(len(cache)) for mirrored in (False, True)}
+        matches = [key for key, (_, mask) in candidates.items() if torch.equal(masks[row], mask.long())]
+        if not torch.equal(masks[row], cache.masks[index].long()):
+            assert len(matches) >= 1, f"sample {row}: not a paste of any train photo"
+            pasted += 1
+            donors_seen.update(matches if len(matches) == 1 else [])
+            expected = F.to_dtype(candidates[matches[0]][0], torch.float32, scale=True)
+            torch.testing.assert_close(images[row], F.normalize(expected, MEAN, STD), atol=1e-5, rtol=0)
+    # Binomial(200, 0.5) pasted (100 +- 7), less the ones that change nothing (a photo onto itself unmirrored: 1 in 8)
+    assert 55 <= pasted <= 115
+    assert len({donor for donor, _ in donors_seen}) == 4 and len({m for _, m in donors_seen}) == 2
+    again = cache.batch([2, 0], [seeds[6], seeds[4]])
+    assert torch.equal(again[1][0], masks[6]) and torch.equal(again[1][1], masks[4])
+    off = DeviceCache(train_set, scale_range=(1.0, 1.0), hflip_prob=0, color_jitter=0, paste_prob=0.0,
+                      paste_classes=classes)
+    for batch_with, batch_without in zip(off.batch(order[:8], range(8)), plain_cache.batch(order[:8], range(8))):
+        assert torch.equal(batch_with, batch_without)
 
 
 def test_jitter_equals_torchvision_per_sample():

@@ -27,7 +27,8 @@ import visualize
 import config as config_module
 import losses
 from config import PRESETS, TrainConfig
-from dataset import SegmentationDataset
+import dataset
+from dataset import ClassTable, SegmentationDataset
 from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import lr_at
 from runtime import autocast_dtype, use_channels_last
@@ -115,6 +116,8 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--hflip_prob", "1.5"], "--hflip_prob must be in [0, 1], got 1.5"),
+    (["--copy_paste", "-0.1"], "--copy_paste must be in [0, 1], got -0.1"),
+    (["--copy_paste", "nan"], "--copy_paste must be in [0, 1], got nan"),
     (["--ohem_threshold", "70"], "--ohem_threshold must be in [0, 1], got 70.0"),
     (["--lovasz_weight", "-1"], "--lovasz_weight must be >= 0, got -1.0"),
     (["--logit_adjustment", "-0.5"], "--logit_adjustment must be in [0, 1], got -0.5"),
@@ -721,6 +724,27 @@ def test_class_weights_are_computed_once_from_the_train_masks_and_kept_by_a_resu
                                                     f"per class (road, sidewalk, building, wall, fence, pole, traffic "
                                                     f"light, traffic sign, vegetation, terrain, sky, person, rider, "
                                                     f"car, truck, bus, train, motorcycle, bicycle), not all 0")
+
+
+def test_copy_paste_pastes_the_classes_below_the_median_found_in_one_scan_and_kept_by_a_resume(city, tmp_path, capsys,
+                                                                                                 monkeypatch):
+    scans, pastes = [], []
+    class_pixels, paste = SegmentationDataset.class_pixels, dataset.paste
+    monkeypatch.setattr(SegmentationDataset, "class_pixels", lambda self: scans.append(1) or class_pixels(self))
+    monkeypatch.setattr(dataset, "paste", lambda *args: pastes.append(args[4].tolist()) or paste(*args))
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "2", "--copy_paste", "1", "--class_weights", "auto"))
+    weights = median_frequency_weights(*class_pixels(SegmentationDataset(city, "train", (32, 16), layout="cityscapes")))
+    rare = [c for c, weight in enumerate(weights.tolist()) if weight > 1]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["copy_paste"] == 1 and config["paste_classes"] == rare and 0 < len(rare) < 19
+    assert scans == [1]  # one scan of the masks for the weights and the rare classes
+    assert len(pastes) == 4 and all(classes == rare for classes in pastes)  # 2 steps of 2 photos, every photo
+    names = ClassTable.from_names().names  # Cityscapes' 19 evaluation classes
+    assert f"copy-paste (1 of the train photos): {', '.join(names[c] for c in rare)}\n" in capsys.readouterr().out
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
+    assert "copy-paste" not in capsys.readouterr().out and scans == [1]  # not searched again
+    assert len(pastes) == 6
 
 
 def test_sqrt_class_weights_are_the_square_root_of_median_frequency_balancing(city, tmp_path):
