@@ -61,7 +61,7 @@ class TrainConfig:
     hflip_prob: float = option(0.5, "augmentation: horizontal flip probability", "data", type=float)
     color_jitter: float = option(0.2, "augmentation: brightness/contrast/saturation jitter", "data", type=float)
     copy_paste: float = option(0.0, "augmentation: probability that a train photo gets the rare classes' pixels of "
-                               "another train photo (mirrored half the time) pasted in where they lie, so that rare "
+                               "a random train photo (mirrored half the time) pasted in where they lie, so that rare "
                                "objects are seen in new surroundings; rare = below the median class frequency, "
                                "found once from the train masks and stored in config.json", "data", type=float)
 

@@ -519,7 +519,9 @@ def paste(image, mask, donor_image, donor_mask, classes: torch.Tensor, mirrored=
     mirrored = torch.as_tensor(mirrored)
     donor_image = torch.where(mirrored[..., None, None, None], donor_image.flip(-1), donor_image)
     donor_mask = torch.where(mirrored[..., None, None], donor_mask.flip(-1), donor_mask)
-    pasted = torch.isin(donor_mask, classes.to(donor_mask.device))
+    is_pasted = torch.zeros(256, dtype=torch.bool, device=donor_mask.device)  # a lookup: isin may sync a GPU
+    is_pasted[classes.to(donor_mask.device, torch.long)] = True
+    pasted = is_pasted[donor_mask.long()]
     return torch.where(pasted.unsqueeze(-3), donor_image, image), torch.where(pasted, donor_mask, mask)
 
 
@@ -542,8 +544,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """One split of a dataset on disk. ds[i] -> (image float32 (3,H,W) normalised at image_size, mask int64
     (H,W) of class indices with IGNORE_INDEX for void); a split without labels gives the image only. With
     augment, items are random crops of crop_size (default: image_size) from the randomly scaled image, after
-    copy-paste: with probability paste_prob the pixels of paste_classes in another random photo of the split
-    (mirrored half the time) replace the item's own, where they lie.
+    copy-paste: with probability paste_prob the pixels of paste_classes in a random photo of the split (possibly
+    the item's own, mirrored half the time) replace the item's own, where they lie.
 
     layout: "auto" (recognised from the folder), "cityscapes", "camvid", "folder", or a layout object.
     classes: None (the layout's default classes), a list of names, or a ClassTable. Files whose size differs

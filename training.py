@@ -190,7 +190,7 @@ def resolve_class_statistics(config, train_set, rank):
         if rank == 0:
             names = train_set.class_table.names
             print(f"copy-paste ({config.copy_paste:g} of the train photos): "
-                  + ", ".join(names[c] for c in config.paste_classes))
+                  + (", ".join(names[c] for c in config.paste_classes) or "none, no class is rarer than the median"))
 
 
 def resolve_class_weights(config, names, balancing, rank):

@@ -230,7 +230,7 @@ def test_augmentation_is_a_pure_function_of_each_sample_seed(train_set):
 def test_augmented_batches_on_cuda_do_not_sync(train_set):
     """--data_cache device exists to make the input pipeline free on a GPU: building an augmented batch
     there must never wait for the GPU (CUDA's sync debug mode makes any wait an error)."""
-    cache = DeviceCache(train_set, "cuda")
+    cache = DeviceCache(train_set, "cuda", paste_prob=0.5, paste_classes=(1, 3))
     cache.batch([0, 1], [5, 6])  # warm-up: first kernels, pinned-memory pool
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -253,14 +253,18 @@ def train_weights(city, run_dir, *extra):
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
-def test_training_from_the_cache_reproduces_and_resumes_bit_exactly(make_cityscapes, tmp_path, one_thread):
+@pytest.mark.parametrize("copy_paste", ["0", "0.5"])
+def test_training_from_the_cache_reproduces_and_resumes_bit_exactly(make_cityscapes, tmp_path, one_thread, copy_paste):
     city = make_cityscapes(size=(32, 16), counts={"train": 5, "val": 2}, block=4, noise=10)
-    reference = train_weights(city, tmp_path / "reference", "--training_iterations", "6")
-    again = train_weights(city, tmp_path / "again", "--training_iterations", "6")
-    train_weights(city, tmp_path / "resumed", "--training_iterations", "3")
+    paste = ("--copy_paste", copy_paste)
+    reference = train_weights(city, tmp_path / "reference", "--training_iterations", "6", *paste)
+    again = train_weights(city, tmp_path / "again", "--training_iterations", "6", *paste)
+    train_weights(city, tmp_path / "resumed", "--training_iterations", "3", *paste)
     resumed = train_weights(city, tmp_path / "resumed", "--training_iterations", "6", "--resume", "auto")
-    other_seed = train_weights(city, tmp_path / "other_seed", "--training_iterations", "6", "--seed", "1")
+    other_seed = train_weights(city, tmp_path / "other_seed", "--training_iterations", "6", "--seed", "1", *paste)
     assert reference["config"]["data_cache"] == "device" and resumed["step"] == 6
+    assert reference["config"]["copy_paste"] == float(copy_paste) and (reference["config"]["paste_classes"] is None) \
+        == (copy_paste == "0")
     for name, tensor in reference["model"].items():
         assert torch.equal(again["model"][name], tensor), name
         assert torch.equal(resumed["model"][name], tensor), name

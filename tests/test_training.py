@@ -726,14 +726,22 @@ def test_class_weights_are_computed_once_from_the_train_masks_and_kept_by_a_resu
                                                     f"car, truck, bus, train, motorcycle, bicycle), not all 0")
 
 
+@pytest.mark.parametrize("data_cache", ["off", "device"])
 def test_copy_paste_pastes_the_classes_below_the_median_found_in_one_scan_and_kept_by_a_resume(city, tmp_path, capsys,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch, data_cache):
+    """In both input pipelines: every photo pasted at --copy_paste 1 (the cache pastes a batch of 2 at once)."""
     scans, pastes = [], []
     class_pixels, paste = SegmentationDataset.class_pixels, dataset.paste
+
+    def counted_paste(*args):
+        pastes.extend([args[4].tolist()] * (len(args[0]) if args[0].ndim == 4 else 1))
+        return paste(*args)
     monkeypatch.setattr(SegmentationDataset, "class_pixels", lambda self: scans.append(1) or class_pixels(self))
-    monkeypatch.setattr(dataset, "paste", lambda *args: pastes.append(args[4].tolist()) or paste(*args))
+    monkeypatch.setattr(dataset, "paste", counted_paste)
+    monkeypatch.setattr(batches, "paste", counted_paste)
     run_dir = tmp_path / "run"
-    training.main(tiny_args(city, run_dir, "--training_iterations", "2", "--copy_paste", "1", "--class_weights", "auto"))
+    training.main(tiny_args(city, run_dir, "--training_iterations", "2", "--copy_paste", "1", "--class_weights", "auto",
+                            "--data_cache", data_cache))
     weights = median_frequency_weights(*class_pixels(SegmentationDataset(city, "train", (32, 16), layout="cityscapes")))
     rare = [c for c, weight in enumerate(weights.tolist()) if weight > 1]
     config = json.loads((run_dir / "config.json").read_text())
