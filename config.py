@@ -60,10 +60,12 @@ class TrainConfig:
                                 type=float, nargs=2)
     hflip_prob: float = option(0.5, "augmentation: horizontal flip probability", "data", type=float)
     color_jitter: float = option(0.2, "augmentation: brightness/contrast/saturation jitter", "data", type=float)
-    copy_paste: float = option(0.0, "augmentation: probability that a train photo gets the rare classes' pixels of "
-                               "a random train photo (mirrored half the time) pasted in where they lie, so that rare "
-                               "objects are seen in new surroundings; rare = below the median class frequency, "
-                               "found once from the train masks and stored in config.json", "data", type=float)
+    copy_paste: float = option(0.0, "augmentation: probability that a train photo gets the --paste_classes pixels of "
+                               "a random train photo (mirrored half the time) pasted in where they lie, so that those "
+                               "objects are seen in new surroundings", "data", type=float)
+    paste_classes: tuple | None = option(None, "class names --copy_paste pastes (default: the rare classes, those "
+                                         "below the median class frequency, found once from the train masks); the "
+                                         "classes used are stored in config.json", "data", nargs="+")
 
     base_channels: int = option(64, "U-Net width of the first stage", "model and loss", type=int)
     depth: int = option(4, "U-Net down-sampling stages", "model and loss", type=int)
@@ -151,7 +153,6 @@ class TrainConfig:
     seed: int = option(0, "seed of weights, data order, augmentation and dropout", "system and speed", type=int)
     world_size: int = 1  # processes (torchrun sets it); not a flag
     class_weight_values: tuple | None = None  # the weights --class_weights resolved to, once; not a flag
-    paste_classes: tuple | None = None  # the rare classes --copy_paste pastes, found once; not a flag
 
     def __post_init__(self):
         self.scale_range = tuple(self.scale_range)

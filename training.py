@@ -129,10 +129,11 @@ def build_data(config, rank, device, samples_seen):
     class_table = layout.class_table(config.classes)
     common = dict(image_size=config.size, classes=class_table, layout=layout)
     resolve_class_statistics(config, SegmentationDataset(root, "train", **common), rank)
+    paste_classes = [class_table.names.index(name) for name in config.paste_classes or ()]
     train_set = SegmentationDataset(root, "train", augment=True, scale_range=config.scale_range,
                                     hflip_prob=config.hflip_prob, color_jitter=config.color_jitter,
                                     crop_size=config.crop, paste_prob=config.copy_paste,
-                                    paste_classes=config.paste_classes or (), **common)
+                                    paste_classes=paste_classes, **common)
     val_set = SegmentationDataset(root, "val", label_resolution=True, **common)
     snapshot_set = SegmentationDataset(root, "val", **common)
     shard = Subset(val_set, range(rank, len(val_set), config.world_size))
@@ -173,9 +174,10 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
 
 def resolve_class_statistics(config, train_set, rank):
     """What the train masks decide, found once and kept in the config so that a resume uses the same: the class
-    weights (config.class_weight_values, from --class_weights) and the rare classes that --copy_paste pastes
-    (config.paste_classes: median-frequency weight above 1, i.e. rarer than the median class). The masks are
+    weights (config.class_weight_values, from --class_weights) and, unless --paste_classes names them, the classes
+    that --copy_paste pastes (median-frequency weight above 1, i.e. rarer than the median class). The masks are
     scanned once, on rank 0, and the result shared with the other ranks."""
+    names = train_set.class_table.names
     needs_weights = config.class_weights in COMPUTED_CLASS_WEIGHTS and config.class_weight_values is None
     needs_paste_classes = config.copy_paste > 0 and config.paste_classes is None
     balancing = None
@@ -184,13 +186,15 @@ def resolve_class_statistics(config, train_set, rank):
         if config.world_size > 1:
             dist.broadcast_object_list(balancing)
         balancing = balancing[0]
-    resolve_class_weights(config, train_set.class_table.names, balancing, rank)
+    resolve_class_weights(config, names, balancing, rank)
     if needs_paste_classes:
-        config.paste_classes = tuple(c for c, weight in enumerate(balancing) if weight > 1)
-        if rank == 0:
-            names = train_set.class_table.names
-            print(f"copy-paste ({config.copy_paste:g} of the train photos): "
-                  + (", ".join(names[c] for c in config.paste_classes) or "none, no class is rarer than the median"))
+        config.paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
+    unknown = [name for name in config.paste_classes or () if name not in names]
+    if unknown:
+        raise UserError(f"--paste_classes: {unknown} not among the classes trained ({', '.join(names)})")
+    if config.copy_paste > 0 and rank == 0:
+        print(f"copy-paste ({config.copy_paste:g} of the train photos): "
+              + (", ".join(config.paste_classes) or "none, no class is rarer than the median"))
 
 
 def resolve_class_weights(config, names, balancing, rank):

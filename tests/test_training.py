@@ -744,15 +744,39 @@ def test_copy_paste_pastes_the_classes_below_the_median_found_in_one_scan_and_ke
                             "--data_cache", data_cache))
     weights = median_frequency_weights(*class_pixels(SegmentationDataset(city, "train", (32, 16), layout="cityscapes")))
     rare = [c for c, weight in enumerate(weights.tolist()) if weight > 1]
+    names = ClassTable.from_names().names  # Cityscapes' 19 evaluation classes
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["copy_paste"] == 1 and config["paste_classes"] == rare and 0 < len(rare) < 19
+    assert config["copy_paste"] == 1 and config["paste_classes"] == [names[c] for c in rare] and 0 < len(rare) < 19
     assert scans == [1]  # one scan of the masks for the weights and the rare classes
     assert len(pastes) == 4 and all(classes == rare for classes in pastes)  # 2 steps of 2 photos, every photo
-    names = ClassTable.from_names().names  # Cityscapes' 19 evaluation classes
-    assert f"copy-paste (1 of the train photos): {', '.join(names[c] for c in rare)}\n" in capsys.readouterr().out
+    printed = f"copy-paste (1 of the train photos): {', '.join(names[c] for c in rare)}\n"
+    assert printed in capsys.readouterr().out
     training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
-    assert "copy-paste" not in capsys.readouterr().out and scans == [1]  # not searched again
+    assert printed in capsys.readouterr().out and scans == [1]  # the same classes, not searched again
     assert len(pastes) == 6
+
+
+def test_paste_classes_names_the_classes_pasted_without_a_scan_and_a_resume_keeps_them(city, tmp_path, capsys,
+                                                                                      monkeypatch):
+    scans, pastes = [], []
+    paste = dataset.paste
+    monkeypatch.setattr(SegmentationDataset, "class_pixels", lambda self: scans.append(1))
+    monkeypatch.setattr(dataset, "paste", lambda *args: pastes.append(args[4].tolist()) or paste(*args))
+    run_dir = tmp_path / "run"
+    training.main(tiny_args(city, run_dir, "--training_iterations", "1", "--copy_paste", "1", "--paste_classes",
+                            "traffic sign", "pole"))
+    assert scans == [] and pastes == [[7, 5], [7, 5]]  # Cityscapes' train ids of traffic sign and pole, in that order
+    assert json.loads((run_dir / "config.json").read_text())["paste_classes"] == ["traffic sign", "pole"]
+    assert "copy-paste (1 of the train photos): traffic sign, pole\n" in capsys.readouterr().out
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "2"])
+    assert pastes[2:] == [[7, 5], [7, 5]]
+    with pytest.raises(SystemExit):
+        training.main(tiny_args(city, tmp_path / "bad", "--training_iterations", "1", "--copy_paste", "1",
+                                "--paste_classes", "pole", "lamp"))
+    assert capsys.readouterr().err.strip().endswith("--paste_classes: ['lamp'] not among the classes trained (road, "
+                                                    "sidewalk, building, wall, fence, pole, traffic light, traffic "
+                                                    "sign, vegetation, terrain, sky, person, rider, car, truck, bus, "
+                                                    "train, motorcycle, bicycle)")
 
 
 def test_sqrt_class_weights_are_the_square_root_of_median_frequency_balancing(city, tmp_path):
