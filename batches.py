@@ -5,7 +5,9 @@ Data order and augmentation are pure functions of (seed, epoch, image), never of
 global RNG, so a resumed run sees exactly the batches an uninterrupted one would, and N processes train
 like one process with N times the accumulation.
 """
+import atexit
 import itertools
+import multiprocessing
 import signal
 import time
 
@@ -226,6 +228,19 @@ def ignore_stop_signals(worker_id):
     process decides when to stop and must still get its batches."""
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def kill_loader_workers():
+    """At exit, kill the DataLoader workers still alive (a loader kept by an uncaught error's traceback, say):
+    they ignore SIGTERM, so multiprocessing's own exit handler, which sends daemonic children SIGTERM and then
+    joins them, would wait for them forever. The loaders' SIGCHLD handler would report each kill as an error."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(kill_loader_workers)  # runs before multiprocessing's handler, registered earlier on import
 
 
 def loader_options(num_workers, device, seed):

@@ -5,7 +5,10 @@ import errno
 import json
 import os
 import socket
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ import runtime
 import synthetic_city
 import training
 from bench import restarts
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
         "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu"]
@@ -193,3 +198,19 @@ def test_a_new_run_never_overwrites_an_old_one_and_a_run_folder_resumes(city, tm
         training.main(["--resume", str(run_dir), "--training_iterations", "4"])
     assert capsys.readouterr().err.endswith(f"error: {run_dir / 'metrics.jsonl'}: line 1 is not a JSON record; move "
                                             f"the file away to start its log afresh\n")
+
+
+def test_an_uncaught_error_with_loader_workers_alive_exits_instead_of_hanging(tmp_path):
+    """Loader workers ignore SIGTERM (the main process decides when to stop), and multiprocessing's exit handler
+    stops daemonic children with SIGTERM and then joins them: a loader that an uncaught error's traceback kept
+    alive used to make the interpreter wait for its worker forever."""
+    script = tmp_path / "crash.py"
+    script.write_text("import torch\n"
+                      "from torch.utils.data import DataLoader\n"
+                      "from batches import loader_options\n"
+                      "loader = DataLoader(list(range(100)), batch_size=2, **loader_options(1, torch.device('cpu'), 0))\n"
+                      "next(iter(loader))\n"
+                      "raise RuntimeError('a crash with a worker alive')\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a crash with a worker alive")
