@@ -8,6 +8,7 @@ like one process with N times the accumulation.
 import atexit
 import itertools
 import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler before ours, so ours runs first
 import signal
 import time
 
@@ -240,7 +241,7 @@ def kill_loader_workers():
             child.kill()
 
 
-atexit.register(kill_loader_workers)  # runs before multiprocessing's handler, registered earlier on import
+atexit.register(kill_loader_workers)  # atexit runs handlers last-registered first
 
 
 def loader_options(num_workers, device, seed):

@@ -189,6 +189,9 @@ def resolve_class_statistics(config, train_set, rank):
     resolve_class_weights(config, names, balancing, rank)
     if needs_paste_classes:
         config.paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
+    elif config.paste_classes:  # a run started before the classes were stored by name stored their indices
+        config.paste_classes = tuple(names[c] if isinstance(c, int) and 0 <= c < len(names) else c
+                                     for c in config.paste_classes)
     unknown = [name for name in config.paste_classes or () if name not in names]
     if unknown:
         raise UserError(f"--paste_classes: {unknown} not among the classes trained ({', '.join(names)})")

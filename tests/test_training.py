@@ -770,6 +770,12 @@ def test_paste_classes_names_the_classes_pasted_without_a_scan_and_a_resume_keep
     assert "copy-paste (1 of the train photos): traffic sign, pole\n" in capsys.readouterr().out
     training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "2"])
     assert pastes[2:] == [[7, 5], [7, 5]]
+    checkpoint = load(run_dir / "checkpoint.pt")  # as a run of the version that stored class indices saved it
+    checkpoint["config"]["paste_classes"] = [7, 5]
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3"])
+    assert pastes[4:] == [[7, 5], [7, 5]]
+    assert json.loads((run_dir / "config.json").read_text())["paste_classes"] == ["traffic sign", "pole"]
     with pytest.raises(SystemExit):
         training.main(tiny_args(city, tmp_path / "bad", "--training_iterations", "1", "--copy_paste", "1",
                                 "--paste_classes", "pole", "lamp"))
