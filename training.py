@@ -187,7 +187,13 @@ def resolve_class_statistics(config, train_set, rank):
             dist.broadcast_object_list(balancing)
         balancing = balancing[0]
     resolve_class_weights(config, names, balancing, rank)
-    if needs_paste_classes:
+    resolve_paste_classes(config, names, balancing, rank)
+
+
+def resolve_paste_classes(config, names, balancing, rank):
+    """config.paste_classes as class names: those --paste_classes gave, else (with --copy_paste) the classes whose
+    median-frequency weight in `balancing` is above 1; printed when pasting is on."""
+    if config.copy_paste > 0 and config.paste_classes is None:
         config.paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
     elif config.paste_classes:  # a run started before the classes were stored by name stored their indices
         config.paste_classes = tuple(names[c] if isinstance(c, int) and 0 <= c < len(names) else c
