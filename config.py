@@ -65,7 +65,8 @@ class TrainConfig:
                                "objects are seen in new surroundings", "data", type=float)
     paste_classes: tuple | None = option(None, "class names --copy_paste pastes (default: the rare classes, those "
                                          "below the median class frequency, found once from the train masks); the "
-                                         "classes used are stored in config.json", "data", nargs="+")
+                                         "classes used are stored in config.json; needs --copy_paste > 0", "data",
+                                         nargs="+")
 
     base_channels: int = option(64, "U-Net width of the first stage", "model and loss", type=int)
     depth: int = option(4, "U-Net down-sampling stages", "model and loss", type=int)
@@ -209,6 +210,9 @@ class TrainConfig:
             ("min_lr", 0 <= self.min_lr <= self.base_lr, f"in [0, --base_lr {self.base_lr}]"),
             ("scale_range", 0 < low <= high, "LOW HIGH with 0 < LOW <= HIGH"),
         ]
+        if self.paste_classes and self.copy_paste == 0:
+            raise UserError(f"--paste_classes {' '.join(map(str, self.paste_classes))}: pasting is off; "
+                            "give --copy_paste P (0 < P <= 1) too")
         for key, valid, expected in rules:
             if not valid:
                 value = list(getattr(self, key)) if key == "scale_range" else getattr(self, key)

@@ -178,6 +178,8 @@ def resolve_class_statistics(config, train_set, rank):
     that --copy_paste pastes (median-frequency weight above 1, i.e. rarer than the median class). The masks are
     scanned once, on rank 0, and the result shared with the other ranks."""
     names = train_set.class_table.names
+    if config.paste_classes:
+        config.paste_classes = known_paste_classes(config.paste_classes, names)
     needs_weights = config.class_weights in COMPUTED_CLASS_WEIGHTS and config.class_weight_values is None
     needs_paste_classes = config.copy_paste > 0 and config.paste_classes is None
     balancing = None
@@ -190,17 +192,21 @@ def resolve_class_statistics(config, train_set, rank):
     resolve_paste_classes(config, names, balancing, rank)
 
 
+def known_paste_classes(paste_classes, names):
+    """--paste_classes as class names, checked before any mask is scanned; a run started before the classes were
+    stored by name stored their indices, which are converted."""
+    paste_classes = tuple(names[c] if isinstance(c, int) and 0 <= c < len(names) else c for c in paste_classes)
+    unknown = [name for name in paste_classes if name not in names]
+    if unknown:
+        raise UserError(f"--paste_classes: {unknown} not among the classes trained ({', '.join(names)})")
+    return paste_classes
+
+
 def resolve_paste_classes(config, names, balancing, rank):
-    """config.paste_classes as class names: those --paste_classes gave, else (with --copy_paste) the classes whose
+    """config.paste_classes, unless --paste_classes named them: with --copy_paste, the classes whose
     median-frequency weight in `balancing` is above 1; printed when pasting is on."""
     if config.copy_paste > 0 and config.paste_classes is None:
         config.paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
-    elif config.paste_classes:  # a run started before the classes were stored by name stored their indices
-        config.paste_classes = tuple(names[c] if isinstance(c, int) and 0 <= c < len(names) else c
-                                     for c in config.paste_classes)
-    unknown = [name for name in config.paste_classes or () if name not in names]
-    if unknown:
-        raise UserError(f"--paste_classes: {unknown} not among the classes trained ({', '.join(names)})")
     if config.copy_paste > 0 and rank == 0:
         print(f"copy-paste ({config.copy_paste:g} of the train photos): "
               + (", ".join(config.paste_classes) or "none, no class is rarer than the median"))

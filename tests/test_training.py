@@ -778,11 +778,17 @@ def test_paste_classes_names_the_classes_pasted_without_a_scan_and_a_resume_keep
     assert json.loads((run_dir / "config.json").read_text())["paste_classes"] == ["traffic sign", "pole"]
     with pytest.raises(SystemExit):
         training.main(tiny_args(city, tmp_path / "bad", "--training_iterations", "1", "--copy_paste", "1",
-                                "--paste_classes", "pole", "lamp"))
+                                "--paste_classes", "pole", "lamp", "--class_weights", "auto"))
+    assert scans == []  # the name is checked before the masks are scanned for the class weights
     assert capsys.readouterr().err.strip().endswith("--paste_classes: ['lamp'] not among the classes trained (road, "
                                                     "sidewalk, building, wall, fence, pole, traffic light, traffic "
                                                     "sign, vegetation, terrain, sky, person, rider, car, truck, bus, "
                                                     "train, motorcycle, bicycle)")
+    with pytest.raises(SystemExit):
+        training.main(tiny_args(city, tmp_path / "off", "--training_iterations", "1", "--paste_classes", "pole"))
+    assert capsys.readouterr().err.strip().endswith("--paste_classes pole: pasting is off; give --copy_paste P "
+                                                    "(0 < P <= 1) too")
+    assert not (tmp_path / "off").exists()
 
 
 def test_sqrt_class_weights_are_the_square_root_of_median_frequency_balancing(city, tmp_path):
