@@ -108,7 +108,8 @@ class TrainConfig:
     weight_decay: float = option(1e-2, "AdamW weight decay of conv weights", "optimisation", type=float)
     grad_clip: float = option(1.0, "clip gradients to this global norm, 0 = off", "optimisation", type=float)
     ema_decay: float = option(0.0, "exponential moving average of the weights, evaluated and saved instead of the raw "
-                              "ones, with this decay per step (e.g. 0.999); 0 = off", "optimisation", type=float)
+                              "ones, with this decay per step (e.g. 0.999) once the ramp (1 + n) / (10 + n) of step n "
+                              "reaches it; 0 = off", "optimisation", type=float)
     max_nonfinite_steps: int = option(10, "stop after this many consecutive steps with non-finite gradients, as a "
                                       "NaN or inf loss gives (each is skipped; checked at every log step)",
                                       "optimisation", type=int)
