@@ -205,9 +205,11 @@ def known_paste_classes(paste_classes, names):
 def resolve_paste_classes(config, names, balancing, rank):
     """config.paste_classes, unless --paste_classes named them: with --copy_paste, the classes whose
     median-frequency weight in `balancing` is above 1; printed when pasting is on."""
-    if config.copy_paste > 0 and config.paste_classes is None:
+    if config.copy_paste == 0:
+        return
+    if config.paste_classes is None:
         config.paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
-    if config.copy_paste > 0 and rank == 0:
+    if rank == 0:
         print(f"copy-paste ({config.copy_paste:g} of the train photos): "
               + (", ".join(config.paste_classes) or "none, no class is rarer than the median"))
 
