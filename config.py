@@ -253,9 +253,10 @@ PRESETS = {
 # Real street photos at CamVid's scale (a few hundred 480x360 images): a run that fits 30 minutes of a 2-core CPU.
 # Flips and copy-paste of the rare classes are its only augmentation: the model underfits at this budget, and
 # scale and colour jitter slowed it down; the higher peak LR splits trees from buildings early enough that
-# pasting no longer delays them.
-REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, batch_size=8, accum_steps=1,
-                   training_iterations=1100, eval_interval=275, save_model_interval=275, num_workers=1,
+# pasting no longer delays them. Bilinear upsampling (half the bottleneck's width) learns faster per step than
+# transposed convs and takes less time per step, so 1200 steps fit where 1100 did.
+REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, bilinear=True, batch_size=8, accum_steps=1,
+                   training_iterations=1200, eval_interval=300, save_model_interval=300, num_workers=1,
                    scale_range=(1.0, 1.0), color_jitter=0.0, copy_paste=0.5, class_weights="auto",
                    logit_adjustment=0.5, base_lr=2e-3, decay_factor=1e-2, ema_decay=0.995)
 # A GPU affords CamVid's full 480x360, a wider model and about 130 epochs, as the published results train; a run

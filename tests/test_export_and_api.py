@@ -23,10 +23,10 @@ COLORS = [(128, 64, 128), (255, 128, 0), (70, 130, 180), (0, 0, 142), (107, 142,
 SIZE = (32, 16)
 
 
-def trained_looking_unet():
+def trained_looking_unet(bilinear=False):
     """A tiny U-Net whose BatchNorm statistics and affine parameters are far from their initial values."""
     torch.manual_seed(3)
-    model = UNet(3, len(NAMES), base_channels=4, depth=2).train()
+    model = UNet(3, len(NAMES), base_channels=4, depth=2, bilinear=bilinear).train()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -37,12 +37,13 @@ def trained_looking_unet():
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["transposed", "bilinear"])
+def exported(tmp_path_factory, request):
+    """Both decoders: the seed's transposed convs and the camvid preset's bilinear upsampling."""
     folder = tmp_path_factory.mktemp("export")
     weights = folder / "unet_model.pth"
-    save_weights(weights, trained_looking_unet(), class_names=NAMES, class_colors=COLORS, image_size=SIZE, mean=MEAN,
-                 std=STD, dataset="folder")
+    save_weights(weights, trained_looking_unet(request.param), class_names=NAMES, class_colors=COLORS,
+                 image_size=SIZE, mean=MEAN, std=STD, dataset="folder")
     assert inference.main(["--checkpoint", str(weights), "--export", str(folder / "unet_model.onnx"),
                            "--device", "cpu"]) == 0
     return weights, folder / "unet_model.onnx"

@@ -235,6 +235,7 @@ def test_train_segment_and_evaluate_follow_the_data_class_table(make_folder_data
     table = SegmentationDataset(root, "val", (32, 16)).class_table
     assert saved["class_names"] == table.names and saved["class_colors"] == table.colors.tolist()
     assert saved["dataset"] == kind
+    assert saved["model_config"]["bilinear"] is True  # the camvid recipe's decoder, rebuilt by inference.py below
 
     images = root / ("images" if kind == "folder" else "") / "val"
     assert inference.main(["--checkpoint", str(weights), "--input", str(images), "--output", str(tmp_path / "masks"),
