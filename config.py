@@ -253,8 +253,8 @@ PRESETS = {
 # Real street photos at CamVid's scale (a few hundred 480x360 images): a run that fits 30 minutes of a 2-core CPU.
 # Flips and copy-paste of the rare classes are its only augmentation: the model underfits at this budget, and
 # scale and colour jitter slowed it down; the higher peak LR splits trees from buildings early enough that
-# pasting no longer delays them. Bilinear upsampling (half the bottleneck's width) learns faster per step than
-# transposed convs and takes less time per step, so 1200 steps fit where 1100 did.
+# pasting no longer delays them. Bilinear upsampling (the bottleneck and decoder half as wide) learns faster per
+# step than transposed convs and takes less time per step, so 1200 steps fit where 1100 did.
 REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, bilinear=True, batch_size=8, accum_steps=1,
                    training_iterations=1200, eval_interval=300, save_model_interval=300, num_workers=1,
                    scale_range=(1.0, 1.0), color_jitter=0.0, copy_paste=0.5, class_weights="auto",
