@@ -139,8 +139,10 @@ class TrainConfig:
                              "batches there (same distributions as the loader, not the same pixels); for prepared "
                              "data that fits in device memory", "system and speed", choices=["off", "device"])
     device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...", "system and speed")
-    amp: str = option("auto", "autocast dtype; auto = bf16 on GPUs and CPUs with native bf16, fp16 with a "
-                      "GradScaler on older GPUs, off on other CPUs", "system and speed",
+    amp: str = option("auto", "autocast dtype of the training steps; auto = bf16 on GPUs and CPUs with native bf16, "
+                      "fp16 with a GradScaler on older GPUs, off on other CPUs. The periodic evaluation always runs "
+                      "in inference.py's default precision on this device (float32 on CPUs), so its scores are "
+                      "those of inference.py --evaluate", "system and speed",
                       choices=["auto", "bf16", "fp16", "off"])
     channels_last: str = option("auto", "NHWC memory format; auto = on for CUDA and AVX-512 CPUs, off on other CPUs",
                                 "system and speed", choices=["auto", "on", "off"])

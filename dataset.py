@@ -1,5 +1,6 @@
 """Segmentation data on disk: three folder layouts, their class tables, reading and checking files, the
-augmentation, and `python dataset.py prepare` (a downscaled copy of any layout, made once).
+augmentation, `python dataset.py prepare` (a downscaled copy of any layout, made once) and
+`python dataset.py holdout` (a CamVid copy whose val is a whole drive that train never sees).
 
 Layouts, each read exactly as it is distributed (`open_layout` recognises them):
 - cityscapes: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_labelIds.png,
@@ -635,6 +636,25 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- prepare
 
+class Indexed(torch.utils.data.Dataset):
+    """dataset[i] -> (i, *dataset[i]), so that evaluation knows which sample each prediction belongs to."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (index, *self.dataset[index])
+
+
+def collate_indexed(samples):
+    """(indices, images stacked (all at the training size), masks as a list (each at its labels' own size))."""
+    indices, images, masks = zip(*samples)
+    return list(indices), torch.stack(images), list(masks)
+
+
 def write_image_atomically(path, pixels: np.ndarray, image_format="PNG", **save_options):
     """Save with PIL through runtime.atomic_write: never a half-written file, a symlink is replaced, and a
     failure names the file."""
@@ -704,9 +724,40 @@ def prepare(src, dst, size=(512, 256), workers=None, layout="auto") -> tuple[int
     return len(pending), len(jobs) - len(pending)
 
 
+def drive_of(path: Path) -> str:
+    """CamVid's drive (video sequence) of a frame: the file name's prefix, e.g. 0006R0 for 0006R0_f02130.png."""
+    return path.name.split("_", 1)[0]
+
+
+def holdout(src, dst, val_drives) -> dict:
+    """Copy CamVid at src to dst, same layout, with val = every labelled frame (train and val) of `val_drives` and
+    train = every other one; test/ is copied as it is. Official val is more frames of a drive that train covers, so
+    it rewards remembering a drive; a held-out drive predicts an unseen one. Returns {split: frames}."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    layout = open_layout(src, "camvid")
+    if dst == src or src in dst.parents or dst.exists() and any(dst.iterdir()):
+        raise DatasetError(f"{dst}: destination must be a new or empty folder outside {src}")
+    pairs = [pair for split in ("train", "val") for pair in layout.samples(split)]
+    drives = sorted({drive_of(image) for image, _ in pairs})
+    unknown = sorted(set(val_drives) - set(drives))
+    if unknown:
+        raise DatasetError(f"{src}: no frames of drive {', '.join(unknown)} (its drives: {', '.join(drives)})")
+    if set(val_drives) == set(drives):
+        raise DatasetError(f"--val_drive: holding out every drive ({', '.join(drives)}) leaves nothing to train on")
+    jobs = [("val" if drive_of(image) in val_drives else "train", image, mask) for image, mask in pairs]
+    if (src / "test").is_dir():
+        jobs += [("test", image, mask) for image, mask in layout.samples("test")]
+    for split, image, mask in tqdm(jobs, desc=f"holdout {' '.join(val_drives)}", unit="frame"):
+        for source, folder in ((image, split), (mask, f"{split}annot")):
+            if source is not None:
+                (dst / folder).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, dst / folder / source.name)
+    return {split: sum(job[0] == split for job in jobs) for split in SPLITS}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write a downscaled copy of a dataset, in the same layout, so "
-                                     "that loading never starves training.")
+    parser = argparse.ArgumentParser(description="Copies of a dataset: downscaled, so that loading never starves "
+                                     "training (prepare), or with a drive held out as val (holdout, CamVid).")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare_parser = commands.add_parser("prepare", help="write a downscaled copy of a dataset")
     prepare_parser.add_argument("--src", required=True, help="the dataset as distributed (Cityscapes, CamVid or "
@@ -716,9 +767,20 @@ def main(argv=None):
     prepare_parser.add_argument("--dataset", choices=["auto", *LAYOUTS], default="auto",
                                 help="the layout of --src (default: auto, recognised from its folders)")
     prepare_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    holdout_parser = commands.add_parser("holdout", help="copy CamVid with one whole drive as val, to measure "
+                                         "what an unseen drive scores (CamVid's own val is more of a train drive)")
+    holdout_parser.add_argument("--src", required=True, help="CamVid as the SegNet tutorial distributes it")
+    holdout_parser.add_argument("--dst", required=True, help="a new folder for the copy, in the CamVid layout")
+    holdout_parser.add_argument("--val_drive", nargs="+", default=["0006R0"],
+                                help="drives (file-name prefixes) that make up val; train gets every other labelled "
+                                     "frame of train and val (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def run():
+        if args.command == "holdout":
+            counts = holdout(args.src, args.dst, args.val_drive)
+            print(f"{args.dst}: " + ", ".join(f"{split} {count} frames" for split, count in counts.items() if count))
+            return 0
         written, skipped = prepare(args.src, args.dst, args.size, args.workers, args.dataset)
         print(f"{args.dst}: wrote {written} files, skipped {skipped} already prepared")
         return 0

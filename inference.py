@@ -35,11 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAGE_SUFFIXES, MEAN, STD, ClassTable, DatasetError,
-                     SegmentationDataset, default_palette, open_layout, photo_to_rgb, read_photo, to_model_input,
-                     write_image_atomically)
-from metrics import ConfusionMatrix, finite_or_none, format_table, scores
-from runtime import UserError, atomic_write, autocast_dtype, resolve_device, run_cli, size_arg, use_channels_last
-from unet import WEIGHTS_FILE, fold_batchnorm, load_weights, upsample_argmax
+                     Indexed, SegmentationDataset, collate_indexed, default_palette, open_layout, photo_to_rgb,
+                     read_photo, to_model_input, write_image_atomically)
+from metrics import finite_or_none, format_table, score_split, scores
+from runtime import UserError, atomic_write, resolve_device, run_cli, size_arg
+from unet import TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, upsample_argmax
 from visualize import colorize, overlay, plot_confusion_matrix
 
 DEFAULT_INPUT = "InferenceOutput/TestImages"
@@ -62,33 +62,24 @@ def inference_classes(names, colors, dataset) -> ClassTable:
     return ClassTable(list(names), np.array(colors, dtype=np.uint8), identity, identity != IGNORE_INDEX, "class ids")
 
 
-TTA_SCALES = {"none": (1.0,), "flip": (1.0,), "ms": (0.75, 1.0, 1.25)}
-
-
-class Segmenter:
+class Segmenter(Predictor):
     """A trained model, loaded once, that segments images as inference.py does.
 
     segmenter(image) takes a path, a PIL image or a numpy array ((H, W) gray or (H, W, 3) RGB uint8) and
     returns the (H, W) uint8 mask of class indices at the image's own size; with probabilities=True also
     the (C, H, W) float32 class probabilities. class_names and class_table say what the indices mean.
-    tta: test-time augmentation, "none", "flip" or "ms" (see scores()).
+    amp: auto is float32 on CPUs and bf16 on GPUs (runtime.autocast_dtype); tta: test-time augmentation,
+    "none", "flip" or "ms" (see scores()).
     """
 
     def __init__(self, checkpoint=WEIGHTS_FILE, device="auto", amp="auto", channels_last="auto", image_size=None,
                  classes=None, tta="none", **bare_sizes):
-        if tta not in TTA_SCALES:
-            raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_SCALES)}")
-        self.tta = tta
         loaded = load_weights(checkpoint, bare_sizes, classes, FALLBACK_IMAGE_SIZE, MEAN, STD)
-        self.device = resolve_device(device)
-        self.amp_dtype = autocast_dtype(amp, self.device)
-        self.channels_last = use_channels_last(channels_last, self.device, training=False)
+        super().__init__(loaded.model, resolve_device(device), amp, channels_last, tta)
         self.image_size = tuple(image_size or loaded.image_size)
         self.mean, self.std, self.dataset = loaded.mean, loaded.std, loaded.dataset
         self.class_names = loaded.class_names
         self.class_table = inference_classes(loaded.class_names, loaded.class_colors, loaded.dataset)
-        model = fold_batchnorm(loaded.model.eval()).to(self.device)
-        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same input size
 
@@ -96,33 +87,6 @@ class Segmenter:
         """uint8 (H, W, 3) photo -> normalised float (3, h, w) at the training size."""
         return to_model_input(torch.from_numpy(np.array(photo)).permute(2, 0, 1), self.image_size,
                               self.mean, self.std)
-
-    @torch.inference_mode()
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) model inputs -> (N, C, h, w) float32 logits."""
-        inputs = inputs.to(self.device, non_blocking=True)
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.model(inputs).float()
-
-    @torch.inference_mode()
-    def scores(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) model inputs -> (N, C, h, w) class scores: the logits, or with test-time augmentation the
-        softmax probabilities averaged over the inputs and their mirror images (flip), at 0.75x, 1x and 1.25x
-        the training size (ms)."""
-        if self.tta == "none":
-            return self.logits(inputs)
-        size, total = inputs.shape[-2:], 0
-        for scale in TTA_SCALES[self.tta]:
-            scaled = inputs if scale == 1 else F.interpolate(inputs, scale_factor=scale, mode="bilinear",
-                                                             align_corners=False, antialias=scale < 1)
-            for mirrored in (False, True):
-                probabilities = self.logits(scaled.flip(-1) if mirrored else scaled).softmax(1)
-                probabilities = probabilities.flip(-1) if mirrored else probabilities
-                total += F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False) \
-                    if scale != 1 else probabilities
-        return total / (2 * len(TTA_SCALES[self.tta]))
 
     @torch.inference_mode()
     def __call__(self, image, probabilities=False):
@@ -330,22 +294,6 @@ def evaluation_split(args, segmenter) -> SegmentationDataset:
     return dataset
 
 
-def collate_indexed(samples):
-    indices, images, targets = zip(*samples)
-    return indices, torch.stack(images), targets
-
-
-class Indexed(Dataset):
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return (index, *self.dataset[index])
-
-
 @torch.inference_mode()
 def evaluate_split(args, segmenter):
     """Predict every image of a labelled split exactly as predict() does and score at the labels' own
@@ -358,15 +306,15 @@ def evaluate_split(args, segmenter):
         if args.save_label_ids else None
     loader = DataLoader(Indexed(dataset), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate_indexed, pin_memory=segmenter.device.type == "cuda")
-    confusion = ConfusionMatrix(dataset.class_table.num_classes, device=segmenter.device)
-    for indices, images, targets in tqdm(loader, desc=f"evaluating {args.split}", unit="batch", disable=None):
-        batch_scores = segmenter.scores(images)
-        for index, image_scores, target in zip(indices, batch_scores, targets):
-            pred = upsample_argmax(image_scores, target.shape)
-            confusion.update(pred[None], target.to(segmenter.device, non_blocking=True)[None])
-            if label_lut is not None:
-                write_image_atomically(output_dir / "label_ids" / dataset.samples[index][0].name,
-                                       label_lut[pred.cpu()].numpy())
+
+    def write_label_ids(indices, batch_scores, masks, predictions):
+        for index, prediction in zip(indices, predictions):
+            write_image_atomically(output_dir / "label_ids" / dataset.samples[index][0].name,
+                                   label_lut[prediction.cpu()].numpy())
+
+    batches = tqdm(loader, desc=f"evaluating {args.split}", unit="batch", disable=None)
+    confusion = score_split(segmenter.scores, batches, dataset.class_table.num_classes, segmenter.device,
+                            each_batch=write_label_ids if label_lut is not None else None)
     results = confusion.compute()
     names = dataset.class_table.names
     print(format_table(results, names))
@@ -441,7 +389,9 @@ def build_parser():
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                        help="autocast dtype; auto: bf16/fp16 on CUDA and on CPUs with native bf16, else off "
+                        help="autocast dtype; auto: float32 on every CPU (the same masks on any CPU and from the "
+                             "ONNX export; bf16 is faster where the CPU computes it natively but changes a few pixels, "
+                             "see docs/precision.md), bf16 on GPUs (fp16 where bf16 is not native) "
                              "(default: %(default)s)")
     parser.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
                         help="NHWC memory format; auto: on (the faster layout for inference on CPUs and GPUs) "

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from runtime import UserError, atomic_write
+from unet import upsample_argmax
 
 
 class ConfusionMatrix:
@@ -122,6 +123,26 @@ def scores(results, class_names):
     summary = {key: finite_or_none(results[key]) for key in ("miou", "fwiou", "pixel_acc", "mean_acc")}
     return {**summary, "per_class_iou": {name: finite_or_none(iou)
                                          for name, iou in zip(class_names, results["iou"].tolist())}}
+
+
+@torch.inference_mode()
+def score_split(class_scores, loader, num_classes, device, max_batches=0, each_batch=None) -> ConfusionMatrix:
+    """The one evaluation of a model on a labelled split, used by training and inference.py --evaluate alike: over
+    `loader`'s (indices, inputs, masks) batches (the first `max_batches`, 0 = all), each image's class scores
+    (class_scores(inputs), at the training size) upsampled bilinearly to its mask's own size, argmax, counted in one
+    confusion matrix on `device`. each_batch(indices, scores, masks, predictions), if given, sees every batch."""
+    confusion = ConfusionMatrix(num_classes, device=device)
+    for batch_index, (indices, inputs, masks) in enumerate(loader):
+        if max_batches and batch_index >= max_batches:
+            break
+        batch_scores = class_scores(inputs)
+        masks = [mask.to(device, non_blocking=True) for mask in masks]
+        predictions = [upsample_argmax(image_scores, mask.shape) for image_scores, mask in zip(batch_scores, masks)]
+        for prediction, mask in zip(predictions, masks):
+            confusion.update(prediction, mask)
+        if each_batch is not None:
+            each_batch(indices, batch_scores, masks, predictions)
+    return confusion
 
 
 class MetricsLog:

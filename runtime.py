@@ -174,13 +174,15 @@ def cpu_has_native_bf16() -> bool:
                 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
 
 
-def autocast_dtype(amp: str, device: torch.device):
-    """--amp -> the autocast dtype, or None for float32. auto: bf16 on GPUs and CPUs with native bf16, fp16
-    (with a GradScaler) on GPUs without it, float32 on other CPUs."""
+def autocast_dtype(amp: str, device: torch.device, training=True):
+    """--amp -> the autocast dtype, or None for float32. auto: on GPUs bf16, or fp16 (with a GradScaler) where bf16
+    is not native; on CPUs bf16 for training where the CPU computes it natively, and float32 for inference and
+    evaluation on every CPU, so that the same weights give the same masks on any CPU, the same as the float32 ONNX
+    export, and training's evaluation the same scores as --evaluate (docs/precision.md has the measurements)."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+        return torch.bfloat16 if device.type == "cpu" and training and cpu_has_native_bf16() else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -34,13 +35,13 @@ import synthetic_city
 from batches import TimedBatches, loader_options, train_batches
 from checkpoint import CHECKPOINT_FILE, Progress, restore, save_checkpoint
 from config import COMPUTED_CLASS_WEIGHTS, TrainConfig, build_parser, from_command_line
-from dataset import IGNORE_INDEX, MEAN, STD, SegmentationDataset, denormalize, open_layout
+from dataset import IGNORE_INDEX, MEAN, STD, Indexed, SegmentationDataset, collate_indexed, denormalize, open_layout
 from losses import CEDiceLoss, logit_shift, median_frequency_weights
 from lr_schedule import WarmupInverseSqrtLR
-from metrics import ConfusionMatrix, MetricsLog, format_table, scores
+from metrics import MetricsLog, format_table, score_split, scores
 from runtime import (INTERRUPTED_EXIT_CODE, Stopped, UserError, atomic_write, autocast_dtype, keep_freed_memory,
                      resolve_device, run_cli, use_channels_last)
-from unet import UNet, save_weights, weights_dict
+from unet import Predictor, UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
 BEST_WEIGHTS_FILE = "best_model.pth"
@@ -109,13 +110,6 @@ class Data:
     train_images: int
 
 
-def collate_images_and_masks(samples):
-    """Images (all at the training size) stacked; masks stacked when they share a size, else a list."""
-    images, masks = zip(*samples)
-    same_size = all(mask.shape == masks[0].shape for mask in masks)
-    return torch.stack(images), torch.stack(masks) if same_size else list(masks)
-
-
 def build_data(config, rank, device, samples_seen):
     """Train batches (the seeded global stream, from the samples_seen-th image on), this rank's val loader,
     snapshot images; resolves --class_weights, which needs the train masks."""
@@ -137,7 +131,7 @@ def build_data(config, rank, device, samples_seen):
     val_set = SegmentationDataset(root, "val", label_resolution=True, **common)
     snapshot_set = SegmentationDataset(root, "val", **common)
     shard = Subset(val_set, range(rank, len(val_set), config.world_size))
-    val = DataLoader(shard, batch_size=config.batch_size, collate_fn=collate_images_and_masks,
+    val = DataLoader(Indexed(shard), batch_size=config.batch_size, collate_fn=collate_indexed,
                      **loader_options(config.num_workers, device, config.seed))
     snapshot_ids = sorted(set(np.linspace(0, len(val_set) - 1, SNAPSHOT_IMAGES).round().astype(int).tolist()))
     snapshot = [torch.stack(tensors) for tensors in zip(*(snapshot_set[i] for i in snapshot_ids))]
@@ -314,32 +308,23 @@ def train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, autocast
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.inference_mode()
-def validate(model, loader, loss_fn, num_classes, device, autocast, memory_format, max_batches=0):
-    """(val loss, metrics, confusion matrix) over `max_batches` batches (0 = all) of each rank's shard, summed
-    over ranks. Masks larger than the logits are scored at their own size (logits upsampled bilinearly), as
-    the official protocol and inference.py do. Everything stays on the device until the final compute()."""
-    model.eval()
-    matrix = ConfusionMatrix(num_classes, IGNORE_INDEX, device)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
-    for batch_index, (images, masks) in enumerate(loader):
-        if max_batches and batch_index >= max_batches:
-            break
-        with autocast():
-            logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
-        if torch.is_tensor(masks) and masks.shape[-2:] == logits.shape[-2:]:
-            pairs = [(logits, masks)]  # labels at the training size: scored as a batch
+def validate(predictor, loader, loss_fn, num_classes, max_batches=0):
+    """(val loss, metrics, confusion matrix) of `predictor` over `max_batches` batches (0 = all) of each rank's shard,
+    summed over ranks: metrics.score_split, the evaluation inference.py --evaluate runs, so its scores are those of
+    --evaluate on the same weights. The loss is of the logits upsampled to the labels' size, averaged per image."""
+    totals = torch.zeros(2, dtype=torch.float64, device=predictor.device)  # loss * images, images
+
+    def add_loss(indices, logits, masks, predictions):
+        if all(mask.shape == logits.shape[-2:] for mask in masks):
+            pairs = [(logits, torch.stack(masks))]  # labels at the training size: one loss over the batch
         else:  # at the labels' own size, one image at a time: memory stays that of one full-size image
-            pairs = [(image_logits[None], mask[None]) for image_logits, mask in zip(logits, masks)]
+            pairs = [(F.interpolate(image_logits[None], size=mask.shape, mode="bilinear", align_corners=False),
+                      mask[None]) for image_logits, mask in zip(logits, masks)]
         for batch_logits, batch_masks in pairs:
-            batch_masks = batch_masks.to(device, non_blocking=True)
-            if batch_masks.shape[-2:] != batch_logits.shape[-2:]:
-                batch_logits = torch.nn.functional.interpolate(batch_logits.float(), size=batch_masks.shape[-2:],
-                                                               mode="bilinear", align_corners=False)
             totals[0] += loss_fn(batch_logits, batch_masks).double() * len(batch_masks)
-            matrix.update(batch_logits.argmax(1), batch_masks)
-        totals[1] += len(images)
-    model.train()
+        totals[1] += len(masks)
+
+    matrix = score_split(predictor.logits, loader, num_classes, predictor.device, max_batches, add_loss)
     matrix.all_reduce()
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -347,13 +332,10 @@ def validate(model, loader, loss_fn, num_classes, device, autocast, memory_forma
 
 
 @torch.inference_mode()
-def save_snapshot(model, snapshot, class_table, path, device, autocast, memory_format):
-    """image | ground truth | prediction of the fixed val images, as the seed's pred1..6 but with images."""
+def save_snapshot(predictor, snapshot, class_table, path):
+    """image | ground truth | prediction of the fixed val images."""
     images, masks = snapshot
-    model.eval()
-    with autocast():
-        predictions = model(images.to(device, memory_format=memory_format)).argmax(1).cpu()
-    model.train()
+    predictions = predictor.logits(images).argmax(1).cpu()
     save_prediction_grid(path, [denormalize(image) for image in images], list(masks), list(predictions), class_table)
 
 
@@ -530,16 +512,16 @@ def open_run_folder(run):
 
 
 def evaluate(run, max_batches=0, final=False):
-    """Validate, log, snapshot, and keep the best weights (rank 0 writes); returns (results, confusion)."""
+    """Validate, log, snapshot, and keep the best weights (rank 0 writes); returns (results, confusion). The model is
+    scored as inference.py runs it (a BatchNorm-folded copy, inference's precision and layout on this device)."""
     step, table = run.progress.step, run.data.class_table
-    val_loss, results, confusion = validate(run.eval_model, run.data.val, run.loss_fn, table.num_classes, run.device,
-                                            run.autocast, run.memory_format, max_batches)
+    predictor = Predictor(copy.deepcopy(run.eval_model), run.device)
+    val_loss, results, confusion = validate(predictor, run.data.val, run.loss_fn, table.num_classes, max_batches)
     if run.rank == 0:
         MetricsLog(run.run_dir / "metrics.jsonl").append(
             {"step": step, "val_loss": val_loss if math.isfinite(val_loss) else None, **scores(results, table.names),
              "val_pixels": int(confusion.sum()), "final": final})
-        save_snapshot(run.eval_model, run.data.snapshot, table, run.run_dir / "snapshots" / f"step_{step:06d}.png",
-                      run.device, run.autocast, run.memory_format)
+        save_snapshot(predictor, run.data.snapshot, table, run.run_dir / "snapshots" / f"step_{step:06d}.png")
         # whole-split evaluations compete for the best weights: the first always saves (its mIoU is NaN when no
         # val pixel is labelled), a later one replaces a worse or an undefined best
         best = run.progress.best_miou

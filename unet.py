@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import UserError, load_torch_file, save_torch_file
+from runtime import UserError, autocast_dtype, load_torch_file, save_torch_file, use_channels_last
 
 WEIGHTS_FILE = "unet_model.pth"  # training's --model_path and inference's --checkpoint by default
 UPSAMPLE_BYTES = 256 * 2**20  # upper bound on the float32 logits upsample_argmax holds at once
@@ -147,6 +147,51 @@ def fold_batchnorm(model):
                     module[index] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
                     module[index + 1] = nn.Identity()
     return model
+
+
+TTA_SCALES = {"none": (1.0,), "flip": (1.0,), "ms": (0.75, 1.0, 1.25)}
+
+
+class Predictor:
+    """A model as inference runs it, for inference.py and training's evaluation alike, so that both score the same
+    numbers: BatchNorm folded into `model` (in place), eval mode, inference's precision (--amp) and memory layout
+    (--channels_last) on `device`, and optional test-time augmentation (tta: none, flip or ms)."""
+
+    def __init__(self, model, device, amp="auto", channels_last="auto", tta="none"):
+        if tta not in TTA_SCALES:
+            raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_SCALES)}")
+        self.device, self.tta = device, tta
+        self.amp_dtype = autocast_dtype(amp, device, training=False)
+        self.channels_last = use_channels_last(channels_last, device, training=False)
+        model = fold_batchnorm(model.eval()).to(device)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) model inputs -> (N, C, h, w) float32 logits."""
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.model(inputs).float()
+
+    @torch.inference_mode()
+    def scores(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) model inputs -> (N, C, h, w) class scores: the logits, or with test-time augmentation the
+        softmax probabilities averaged over the inputs and their mirror images (flip), at 0.75x, 1x and 1.25x
+        the training size (ms)."""
+        if self.tta == "none":
+            return self.logits(inputs)
+        size, total = inputs.shape[-2:], 0
+        for scale in TTA_SCALES[self.tta]:
+            scaled = inputs if scale == 1 else F.interpolate(inputs, scale_factor=scale, mode="bilinear",
+                                                             align_corners=False, antialias=scale < 1)
+            for mirrored in (False, True):
+                probabilities = self.logits(scaled.flip(-1) if mirrored else scaled).softmax(1)
+                probabilities = probabilities.flip(-1) if mirrored else probabilities
+                total += F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False) \
+                    if scale != 1 else probabilities
+        return total / (2 * len(TTA_SCALES[self.tta]))
 
 
 # ----------------------------------------------------------------------------- the weights file

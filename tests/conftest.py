@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import Cityscapes
 
+import runtime
+
 CITIES = ("aachen", "bochum")
 NUM_LABEL_IDS = 34
 # One distinct colour per label id (the official palette repeats colours), so a pixel's colour tells its label.
@@ -58,6 +60,26 @@ def window_offset(crop, whole):
     height, width = crop.shape[-2:]
     return next(((x, y) for y in range(whole.shape[-2] - height + 1) for x in range(whole.shape[-1] - width + 1)
                  if torch.equal(whole[..., y:y + height, x:x + width], crop)), None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_cpu_kinds: run twice, as on a CPU without native bf16 and as on one "
+                                       "with it (AVX512-BF16 or AMX), where --amp auto trains in bf16")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_cpu_kinds"):
+        metafunc.parametrize("native_bf16", [False, True], indirect=True, ids=["cpu_avx2", "cpu_native_bf16"])
+
+
+@pytest.fixture(autouse=True)
+def native_bf16(request, monkeypatch):
+    """What runtime.cpu_has_native_bf16 answers in this process: no, unless a both_cpu_kinds test asks for both
+    answers, so the suite takes the same paths on every CPU and both kinds' paths are tested on any CPU (a CPU
+    without native bf16 emulates it: slower, same rounding). Subprocesses see the real CPU."""
+    native = getattr(request, "param", False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    return native
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ def photos(folder, rng):
     return paths
 
 
+@pytest.mark.both_cpu_kinds
 def test_onnx_logits_match_inference_at_two_sizes_and_two_batch_sizes(exported):
     weights, onnx_path = exported
     segmenter = inference.Segmenter(weights, device="cpu")
@@ -95,6 +96,7 @@ def readme_snippet():
     return snippet
 
 
+@pytest.mark.both_cpu_kinds
 def test_the_readme_deployment_snippet_gives_the_masks_of_inference(exported, tmp_path):
     weights, onnx_path = exported
     segmenter = inference.Segmenter(weights, device="cpu")

@@ -96,6 +96,30 @@ def file_hashes(folder):
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir() if path.is_file()}
 
 
+@pytest.mark.both_cpu_kinds
+def test_inference_is_float32_on_any_cpu_and_bf16_when_asked_with_the_masks_of_segmenter(tmp_path, checkpoint):
+    """--amp auto segments in float32 on every CPU, native bf16 or not (the same masks on every machine, and those
+    of the float32 ONNX export); --amp bf16 runs bf16 and gives Segmenter(amp="bf16")'s masks. bf16 keeps 8
+    significant bits, so a pixel whose two best logits lie within about 1% of each other may change class: on
+    this tiny random model at least 90% of the pixels keep theirs."""
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.fromarray(noise(rng, 40, 64)).save(photos / f"p{index}.png")
+    masks, logits = {}, {}
+    for amp in ("auto", "bf16"):
+        assert run("--checkpoint", checkpoint, "--input", photos, "--output", tmp_path / amp, "--amp", amp) == 0
+        segmenter = inference.Segmenter(checkpoint, device="cpu", amp=amp)
+        assert segmenter.amp_dtype == (torch.bfloat16 if amp == "bf16" else None)
+        masks[amp] = np.stack([np.array(Image.open(tmp_path / amp / f"p{index}_mask.png")) for index in range(3)])
+        np.testing.assert_array_equal(masks[amp], np.stack([segmenter(photos / f"p{index}.png") for index in range(3)]))
+        logits[amp] = segmenter.logits(segmenter.model_input(read_photo(photos / "p0.png"))[None])
+    assert not torch.equal(logits["auto"], logits["bf16"])  # bf16 did run
+    assert (masks["auto"] == masks["bf16"]).mean() >= 0.9
+
+
+@pytest.mark.both_cpu_kinds
 def test_every_image_kind_gets_mask_color_and_overlay_at_its_own_size(tmp_path, checkpoint, monkeypatch):
     # as if wide.png (4100x60) were a 4000x3000 photo: its logits are upsampled 5 classes at a time
     monkeypatch.setattr(unet, "UPSAMPLE_BYTES", 5 * 4 * 4100 * 60)
@@ -430,6 +454,7 @@ def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(tmp_path, capsys, ki
     assert "refused" not in error and "Traceback" not in captured.err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.both_cpu_kinds
 @pytest.mark.parametrize("bilinear", [False, True])
 def test_folded_batchnorm_gives_the_logits_of_the_trained_model(bilinear, tmp_path):
     model = tiny_unet(depth=3, bilinear=bilinear).train()
@@ -507,6 +532,7 @@ def independent_scores(model, root, split):
     return confusion
 
 
+@pytest.mark.both_cpu_kinds
 def test_evaluate_matches_an_independent_confusion_matrix_and_the_official_evaluation(
         tmp_path, checkpoint, make_cityscapes, capsys):
     root = make_cityscapes(size=(64, 32), counts={"val": 4}, noise=20)
@@ -562,28 +588,32 @@ def test_evaluate_refuses_the_unlabelled_test_split(tmp_path, checkpoint, make_c
     assert "no labels" in capsys.readouterr().err
 
 
-def test_evaluating_what_training_wrote_reproduces_its_final_val_scores(tmp_path, capsys):
-    """End to end: a few training.py steps on the synthetic city (generated at the training size, so
-    full label resolution is the training resolution), then --evaluate must give training's numbers."""
+@pytest.mark.both_cpu_kinds
+def test_evaluating_what_training_wrote_reproduces_its_final_val_scores(tmp_path, capsys, monkeypatch, native_bf16):
+    """End to end: a few training.py steps on the synthetic city, then --evaluate must give training's numbers to
+    the last decimal: both run metrics.score_split on a Predictor in inference's precision, which is float32 on any
+    CPU, also where training itself ran in bf16 (a CPU with native bf16)."""
     import training
 
+    runs = []
+    start_run = training.start_run
+    monkeypatch.setattr(training, "start_run", lambda *args: runs.append(start_run(*args)) or runs[-1])
     training.main(["--dataset", "synthetic", "--data_root", str(tmp_path / "synthetic"), "--synthetic_train", "4",
                    "--synthetic_val", "3", "--image_size", "64x32", "--base_channels", "4", "--depth", "2",
                    "--training_iterations", "3", "--eval_interval", "3", "--save_model_interval", "3",
                    "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--out_dir", str(tmp_path / "run"),
                    "--model_path", str(tmp_path / "unet_model.pth")])
+    assert runs[0].amp_dtype == (torch.bfloat16 if native_bf16 else None)  # the precision training ran in
     trained = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert trained["final"] and trained["step"] == 3
     assert run("--checkpoint", tmp_path / "unet_model.pth", "--evaluate", "--data_root", tmp_path / "synthetic",
                "--output", tmp_path / "evaluation") == 0
     report = json.loads((tmp_path / "evaluation" / "evaluation_val.json").read_text())
     assert report["num_images"] == 3
-    # training ran the model unfolded, NCHW, two images a batch; a near-tie pixel may flip under
-    # another float order (see the test above), which moves a score by about 1 / its class's pixels
     for key in ("miou", "fwiou", "pixel_acc", "mean_acc"):
-        assert report[key] == pytest.approx(trained[key], abs=1e-3)
+        assert report[key] == pytest.approx(trained[key], abs=1e-12)
     assert {name: scores["iou"] for name, scores in report["per_class"].items()} == pytest.approx(
-        trained["per_class_iou"], abs=1e-2, nan_ok=True)
+        trained["per_class_iou"], abs=1e-12, nan_ok=True)
 
 
 def test_evaluate_stops_on_a_corrupt_split_file_with_one_line_naming_it(tmp_path, checkpoint, make_cityscapes,

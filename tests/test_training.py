@@ -28,11 +28,13 @@ import config as config_module
 import losses
 from config import PRESETS, TrainConfig
 import dataset
-from dataset import ClassTable, SegmentationDataset
+from dataset import ClassTable, Indexed, SegmentationDataset, collate_indexed
 from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import lr_at
+import runtime
 from runtime import autocast_dtype, use_channels_last
-from unet import UNet, weights_dict
+from runtime import cpu_has_native_bf16 as real_cpu_has_native_bf16
+from unet import Predictor, UNet, weights_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -347,8 +349,8 @@ def test_compile_trains_like_eager(city, tmp_path, monkeypatch):
     evaluation runs the eager modules (compiled, eval mode and new batch sizes would recompile)."""
     evaluated = []
     validate = training.validate
-    monkeypatch.setattr(training, "validate", lambda model, loader, loss_fn, *args: (
-        evaluated.append((type(model), type(loss_fn))), validate(model, loader, loss_fn, *args))[1])
+    monkeypatch.setattr(training, "validate", lambda predictor, loader, loss_fn, *args: (
+        evaluated.append((type(predictor.model), type(loss_fn))), validate(predictor, loader, loss_fn, *args))[1])
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         training.main(tiny_args(city, tmp_path / name, "--training_iterations", "3", "--dropout", "0", *extra))
@@ -487,9 +489,9 @@ def test_validate_matches_a_hand_count_and_records_no_graph():
         seen_grad_modes.append((torch.is_inference_mode_enabled(), logits.requires_grad))
         return torch.full((), float(len(target)))  # 2 for a batch of 2, 1 for the last batch of 1
 
-    loader = torch.utils.data.DataLoader(list(zip(images, masks)), batch_size=2)
-    val_loss, results, confusion = training.validate(model, loader, loss_fn, 2, torch.device("cpu"),
-                                                     contextlib.nullcontext, torch.contiguous_format)
+    loader = torch.utils.data.DataLoader(Indexed(list(zip(images, masks))), batch_size=2, collate_fn=collate_indexed)
+    val_loss, results, confusion = training.validate(Predictor(copy.deepcopy(model), torch.device("cpu")), loader,
+                                                     loss_fn, 2)
     assert seen_grad_modes == [(True, False), (True, False)]
     assert val_loss == pytest.approx((2 * 2 + 1 * 1) / 3)
     assert confusion.tolist() == [[6, 0], [0, 3]]  # 9 labelled pixels (3 ignored), all right
@@ -838,8 +840,9 @@ def test_logit_adjustment_trains_like_the_weighted_loss_and_saves_the_model_with
     """The same run with and without --logit_adjustment: every weight the same, but the head's bias lower by
     tau * log(class weight), in the weights file and in the checkpoint alike; a resume cannot change tau."""
     # a weight decay this strong would move a decayed head bias far beyond the tolerance: biases must not decay
+    # float32 (--amp off): the comparison is of float32 identity, which bf16 rounding of either run would break
     common = ["--training_iterations", "3", "--class_weights", "auto", "--ema_decay", "0.5", "--eval_interval", "10",
-              "--weight_decay", "1"]
+              "--weight_decay", "1", "--amp", "off"]
     training.main(tiny_args(city, tmp_path / "plain", *common))
     training.main(tiny_args(city, tmp_path / "adjusted", *common, "--logit_adjustment", "0.5"))
     config = json.loads((tmp_path / "adjusted" / "config.json").read_text())
@@ -902,8 +905,13 @@ def test_the_weight_average_follows_its_ramped_decay_and_resumes_exactly(city, t
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
                                                         (False, False, None)])
 def test_amp_auto_is_bf16_on_cpus_with_native_bf16_and_float32_on_others(monkeypatch, avx512_bf16, amx, expected):
+    """For training; inference and evaluation run float32 on every CPU unless --amp bf16 asks otherwise."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", real_cpu_has_native_bf16)  # conftest pins it otherwise
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is expected
-    assert autocast_dtype("off", cpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu, training=False) is None
+    for training_too in (True, False):
+        assert autocast_dtype("off", cpu, training_too) is None
+        assert autocast_dtype("bf16", cpu, training_too) is torch.bfloat16
