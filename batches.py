@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from dataset import IGNORE_INDEX, MEAN, STD, DatasetError, SegmentationDataset, paste
+from dataset import IGNORE_INDEX, MEAN, STD, DatasetError, SegmentationDataset, check_augmentation, paste
 
 PASTE_STREAM = 1  # derived_seed(sample seed, PASTE_STREAM) seeds a sample's copy-paste draws in the cache
 
@@ -87,11 +87,8 @@ class DeviceCache:
                  color_jitter=0.2, num_workers=0, crop_size=None, paste_prob=0.0, paste_classes=()):
         if not dataset.has_labels:
             raise DatasetError(f"split {dataset.split!r} has no labels, so it cannot be cached for training")
-        if not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        check_augmentation(scale_range, paste_prob)
         self.device = torch.device(device)
-        if not 0 <= paste_prob <= 1:
-            raise ValueError(f"paste_prob must be in [0, 1], got {paste_prob}")
         self.scale_range, self.hflip_prob, self.color_jitter = tuple(scale_range), hflip_prob, color_jitter
         self.paste_prob = paste_prob if paste_classes else 0.0
         self.paste_classes = torch.tensor(paste_classes, dtype=torch.uint8, device=self.device)

@@ -24,7 +24,6 @@ class Progress:
 
     step: int = 0
     samples_seen: int = 0
-    epoch: int = 0
     best_miou: float = -1.0
     best_step: int | None = None
     nonfinite_steps: int = 0
@@ -75,8 +74,6 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, rank, world_size) -
     progress. (With a weight average, "model" holds the average and "trained_model" the trained weights.)"""
     model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
     optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in optimizer.param_groups:  # CPU checkpoints of versions before the sync-free loop say fused=None
-        group.update(fused=True, foreach=None)
     scheduler.load_state_dict(checkpoint["scheduler"])
     scaler.load_state_dict(checkpoint["scaler"])
     if len(checkpoint["rng"]) == world_size:

@@ -1,11 +1,12 @@
 """Training configuration: one typed dataclass, the named presets, and how a command line resolves them.
 
-Resolution, later wins: TrainConfig's defaults (the seed's Cityscapes run) < the preset (`--preset NAME`,
+Resolution, later wins: TrainConfig's defaults (the original project's Cityscapes run) < the preset (`--preset NAME`,
 or the one the data calls for) < the checkpoint's config when resuming < every flag given explicitly.
 """
 import argparse
 import dataclasses
 import json
+import math
 import os
 import textwrap
 import time
@@ -13,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from checkpoint import find_resume_checkpoint, read_checkpoint
 from dataset import detect_layout, has_cityscapes, no_dataset_error
+from losses import median_frequency_weights
 from runtime import UserError, atomic_write, parse_size
 from synthetic_city import read_settings as synthetic_city_settings
 from unet import WEIGHTS_FILE
@@ -34,8 +37,8 @@ SWITCH = dict(action=argparse.BooleanOptionalAction)
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Field defaults are the seed's run on Cityscapes: the classic U-Net at
-    512x256 for ~10 epochs of the 2975 train images (1860 steps of 8 x 2 images)."""
+    """Every setting of a training run. Field defaults are the original project's run on Cityscapes: the classic
+    U-Net at 512x256 for ~10 epochs of the 2975 train images (1860 steps of 8 x 2 images)."""
 
     preset: str = option("cityscapes", "named settings to start from (see the list below); default: the one the "
                          "data calls for", "data")
@@ -90,8 +93,8 @@ class TrainConfig:
                                   "of per class over the whole batch: one photo's thin poles weigh as much as "
                                   "another's near ones", "model and loss", **SWITCH)
     lovasz_weight: float = option(0.0, "weight of the Lovasz-softmax term, a surrogate of 1 - IoU over the batch "
-                                  "(Berman et al. 2018); it sorts every pixel for every class, which made a CamVid "
-                                  "step about a fifth longer on a CPU; 0 = off", "model and loss", type=float)
+                                  "(Berman et al. 2018); it sorts every pixel for every class, so a step takes "
+                                  "longer; 0 = off", "model and loss", type=float)
     ohem_threshold: float = option(0.0, "online hard example mining: the CE term averages only over the pixels whose "
                                    "predicted probability of their own class is at most this (mmsegmentation uses "
                                    "0.7), and at least the hardest tenth of the batch (the val loss too); 0 = every "
@@ -99,7 +102,11 @@ class TrainConfig:
 
     batch_size: int = option(8, "images per micro-batch and process", "optimisation", type=int)
     accum_steps: int = option(2, "micro-batches per optimizer step (gradient accumulation)", "optimisation", type=int)
-    training_iterations: int = option(1860, "optimizer steps", "optimisation", type=int)
+    training_iterations: int | None = option(1860, "optimizer steps", "optimisation", type=int)
+    time_budget: float = option(0.0, "minutes the whole run may take, setup and evaluations included: the run times "
+                                "its first --eval_interval steps and evaluation, then fixes --training_iterations to "
+                                "the steps that fit, prints it and keeps it in config.json (so --resume is exact); "
+                                "0 = train --training_iterations steps", "optimisation", type=float)
     base_lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", "optimisation", type=float)
     min_lr: float = option(1e-5, "starting learning rate and floor of the decay", "optimisation", type=float)
     warmup_steps: int = option(100, "optimizer steps of quadratic warmup", "optimisation", type=int)
@@ -197,8 +204,11 @@ class TrainConfig:
         low, high = self.scale_range
         rules = [  # (flag, valid, what it must be), stated positively so that NaN, false in any comparison, fails
             *((key, getattr(self, key) >= 1, ">= 1") for key in (
-                "batch_size", "accum_steps", "training_iterations", "eval_interval", "save_model_interval",
-                "log_interval", "base_channels", "depth", "max_nonfinite_steps", "dist_timeout")),
+                "batch_size", "accum_steps", "eval_interval", "save_model_interval", "log_interval",
+                "base_channels", "depth", "max_nonfinite_steps", "dist_timeout")),
+            # None: --time_budget fixes the count after the first evaluation
+            ("training_iterations", self.training_iterations is None or self.training_iterations >= 1, ">= 1"),
+            ("time_budget", self.time_budget >= 0, ">= 0"),
             # a negative --grad_clip would flip the gradients' sign
             *((key, getattr(self, key) >= 0, ">= 0") for key in (
                 "grad_clip", "eval_iterations", "weight_decay", "color_jitter", "num_workers", "warmup_steps",
@@ -241,29 +251,26 @@ class Preset:
 
 SYNTHETIC_ROOT = "Dataset/synthetic"
 PRESETS = {
-    "cityscapes": Preset("the seed's run on Cityscapes: the classic U-Net at 512x256, ~10 epochs of the train split",
+    "cityscapes": Preset("the original project's run on Cityscapes: the classic U-Net at 512x256, ~10 epochs of the "
+                         "train split",
                          dict(dataset="cityscapes", data_root="Dataset/cityscapes")),
-    # A small model on the synthetic city that reaches >= 0.70 val mIoU within 10 minutes on a 2-core CPU, data
-    # generation included. Small images and a depth-3 U-Net keep it in budget; a milder scale range suits
-    # 128x64 scenes, whose poles and signs are only a few pixels wide.
+    # A demo of minutes on a CPU: small images and a depth-3 U-Net; a milder scale range suits 128x64 scenes,
+    # whose poles and signs are only a few pixels wide (docs/synthetic.md).
     "synthetic": Preset("the demo on the generated synthetic city: a small U-Net at 128x64, minutes on a CPU",
                         dict(dataset="synthetic", data_root=SYNTHETIC_ROOT, image_size="128x64", base_channels=16,
                              depth=3, scale_range=(0.75, 1.5), batch_size=8, accum_steps=1, training_iterations=1200,
                              base_lr=3e-3, warmup_steps=50, decay_factor=2e-3, eval_interval=300,
                              save_model_interval=300, num_workers=1)),
 }
-# Real street photos at CamVid's scale (a few hundred 480x360 images): a run that fits 30 minutes of a 2-core CPU.
-# Flips and copy-paste of the rare classes are its only augmentation: the model underfits at this budget, and
-# scale and colour jitter slowed it down; the higher peak LR splits trees from buildings early enough that
-# pasting no longer delays them. Bilinear upsampling (the bottleneck and decoder half as wide) learns faster per
-# step than transposed convs and takes less time per step, so 1200 steps fit where 1100 did.
+# Real street photos at CamVid's scale (a few hundred 480x360 photos), trained for 30 minutes on any machine: a
+# small bilinear U-Net at half resolution, the rare classes weighted and pasted into other photos (docs/camvid.md
+# tells how each setting was chosen).
 REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, bilinear=True, batch_size=8, accum_steps=1,
-                   training_iterations=1200, eval_interval=300, save_model_interval=300, num_workers=1,
+                   time_budget=30.0, eval_interval=300, save_model_interval=300, num_workers=1,
                    scale_range=(1.0, 1.0), color_jitter=0.0, copy_paste=0.5, class_weights="auto",
                    logit_adjustment=0.5, base_lr=2e-3, decay_factor=1e-2, ema_decay=0.995)
-# A GPU affords CamVid's full 480x360, a wider model and about 130 epochs, as the published results train; a run
-# that long needs the scale and colour augmentation back.
-REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, training_iterations=6000, eval_interval=500,
+# A GPU affords CamVid's full 480x360 and a wider model, and its many more epochs want scale and colour augmentation.
+REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, eval_interval=500,
                           save_model_interval=500, scale_range=(0.5, 2.0), color_jitter=0.2, decay_factor=2e-3,
                           ema_decay=0.999, num_workers=6)
 PRESETS["camvid"] = Preset("CamVid as the SegNet tutorial distributes it (11 classes): a 30-minute run on a 2-core CPU",
@@ -307,9 +314,8 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
     if checkpoint_config is not None:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         settings = {key: value for key, value in checkpoint_config.items() if key in known}
-        # checkpoints written before presets existed ran one of these two
-        settings.setdefault("preset", "synthetic" if settings.get("dataset") == "synthetic" else "cityscapes")
-        return TrainConfig(**{**settings, **given, "world_size": world_size}), "the checkpoint"
+        settings = with_step_count({**settings, **given, "world_size": world_size}, given, new_run=False)
+        return TrainConfig(**settings), "the checkpoint"
     name, why = (given["preset"], "--preset") if given.get("preset") else preset_for_data(given)
     if name not in PRESETS:
         raise UserError(f"--preset {name}: no such preset; choose one of {', '.join(PRESETS)}")
@@ -328,7 +334,17 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
         raise UserError(f"{settings['data_root']}: no Cityscapes here (needs leftImg8bit/ and gtFine/ with train and "
                         f"val; see Dataset/readme.md)")
     settings["out_dir"] = settings.get("out_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-    return TrainConfig(**settings), why
+    return TrainConfig(**with_step_count(settings, given)), why
+
+
+def with_step_count(settings, given, new_run=True) -> dict:
+    """--training_iterations given explicitly wins over a --time_budget of the preset or the checkpoint (both given
+    is an error); a new run with a budget has no step count until it has timed itself."""
+    if "time_budget" in given and "training_iterations" in given:
+        raise UserError("--time_budget and --training_iterations: give one (the budget fixes the step count)")
+    if "training_iterations" in given:
+        return {**settings, "time_budget": 0.0}
+    return {**settings, "training_iterations": None} if new_run and settings.get("time_budget") else settings
 
 
 # what a resumed run cannot change, and why
@@ -339,7 +355,13 @@ RESUME_FIXED = {
     "logit_adjustment": "its model's head started from that shift",
     "ema_decay": "its weight average continues as it was",
     "data_cache": "the two pipelines draw different augmentations, so the resume would not be exact",
+    "time_budget": "its step count comes from that budget (give --training_iterations to change it)",
 }
+
+
+def shown(value) -> str:
+    """A flag's value as typed: a list or tuple as its words."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def from_command_line(given, world_size):
@@ -359,10 +381,8 @@ def from_command_line(given, world_size):
     for key, reason in RESUME_FIXED.items():
         wanted = list(given[key]) if isinstance(given.get(key), (list, tuple)) else given.get(key)
         if key in given and wanted != made_with[key] and not (key == "dataset" and wanted == "auto"):
-            def shown(value):
-                return f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
-            trained = "the dataset's default classes" if made_with[key] is None else shown(made_with[key])
-            raise UserError(f"{shown(wanted)}: {resume_path} was trained with {trained}; {reason}")
+            trained = "the dataset's default classes" if made_with[key] is None else f"--{key} {shown(made_with[key])}"
+            raise UserError(f"--{key} {shown(wanted)}: {resume_path} was trained with {trained}; {reason}")
     given = {**given, "out_dir": given.get("out_dir", str(Path(resume_path).parent)), "resume": resume_path}
     config, _ = resolve(given, checkpoint["config"], world_size)
     return config, checkpoint
@@ -405,9 +425,6 @@ def build_parser(description) -> argparse.ArgumentParser:
 
 def default_note(config_field) -> str:
     """'default: 64; synthetic: 16': the field's default and each preset that sets another value."""
-    def shown(value):
-        return " ".join(map(str, value)) if isinstance(value, tuple) else value
-
     note = f"default: {shown(config_field.default)}"
     for name, preset in PRESETS.items():
         value = preset.settings.get(config_field.name, config_field.default)
@@ -415,3 +432,49 @@ def default_note(config_field) -> str:
         if value != config_field.default or on_gpu != value:
             note += f"; {name}: {shown(value)}" + (f" ({shown(on_gpu)} on a GPU)" if on_gpu != value else "")
     return note
+
+
+def with_class_statistics(config, train_set, rank) -> TrainConfig:
+    """The config completed with what the train masks decide, found once so that a resume uses the same: the class
+    weights (class_weight_values, from --class_weights) and, with --copy_paste and no --paste_classes, the classes
+    it pastes (median-frequency weight above 1: rarer than the median class). The masks are scanned on rank 0 and
+    the result shared with the other ranks."""
+    names = train_set.class_table.names
+    unknown = [name for name in config.paste_classes or () if name not in names]
+    if unknown:
+        raise UserError(f"--paste_classes: {unknown} not among the classes trained ({', '.join(names)})")
+    balancing = None
+    if (config.class_weights in COMPUTED_CLASS_WEIGHTS and config.class_weight_values is None
+            or config.copy_paste > 0 and config.paste_classes is None):
+        balancing = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
+        if config.world_size > 1:
+            dist.broadcast_object_list(balancing)
+        balancing = balancing[0]
+    weights = config.class_weight_values or class_weights(config.class_weights, names, balancing)
+    paste_classes = config.paste_classes
+    if config.copy_paste > 0 and paste_classes is None:
+        paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
+    if rank == 0 and weights and not config.class_weight_values:
+        print("class weights: " + ", ".join(f"{name} {weight:g}" for name, weight in zip(names, weights)))
+    if rank == 0 and config.copy_paste > 0:
+        print(f"copy-paste ({config.copy_paste:g} of the train photos): "
+              + (", ".join(paste_classes) or "none, no class is rarer than the median"))
+    return dataclasses.replace(config, class_weight_values=weights, paste_classes=paste_classes)
+
+
+def class_weights(choice, names, balancing) -> tuple | None:
+    """--class_weights as numbers: none -> None, auto -> the median-frequency weights `balancing`, sqrt -> their
+    square root, a file -> its numbers, one per class; rounded to 4 significant digits, as config.json keeps them."""
+    if choice == "none":
+        return None
+    if choice in COMPUTED_CLASS_WEIGHTS:
+        weights = balancing if choice == "auto" else [math.sqrt(weight) for weight in balancing]
+    else:
+        try:
+            weights = [float(word) for word in Path(choice).read_text().split()]
+        except ValueError:
+            raise UserError(f"{choice}: --class_weights expects a file of numbers, one per class") from None
+        if len(weights) != len(names) or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
+            raise UserError(f"{choice}: {len(weights)} weights for {len(names)} classes; give one number >= 0 per "
+                            f"class ({', '.join(names)}), not all 0")
+    return tuple(float(f"{weight:.4g}") for weight in weights)

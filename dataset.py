@@ -31,7 +31,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from runtime import UserError, atomic_write, run_cli, size_arg
+from runtime import DEFAULT_IMAGE_SIZE, UserError, run_cli, size_arg, write_image_atomically
 
 IGNORE_INDEX = 255
 # ImageNet RGB statistics: the standard choice for natural photos, and what any pretrained encoder expects.
@@ -488,6 +488,14 @@ def has_cityscapes(root) -> bool:
 
 # ----------------------------------------------------------------------------- the dataset
 
+def check_augmentation(scale_range=(1.0, 1.0), paste_prob=0.0):
+    """The augmentation ranges that the loader and the device cache both accept."""
+    if not 0 < scale_range[0] <= scale_range[1]:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+    if not 0 <= paste_prob <= 1:
+        raise ValueError(f"paste_prob must be in [0, 1], got {paste_prob}")
+
+
 def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2, mean=MEAN,
                     std=STD, crop_size=None) -> v2.Compose:
     """Joint image/mask pipeline on tv_tensors (masks are resized nearest and never colour-jittered):
@@ -497,9 +505,8 @@ def build_transform(image_size, augment, scale_range=(0.5, 2.0), hflip_prob=0.5,
     crop_width, crop_height = crop_size or image_size
     steps = []
     if augment:
+        check_augmentation(scale_range)
         low, high = scale_range
-        if not 0 < low <= high:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
         short_side = min(width, height)
         steps += [
             v2.RandomResize(round(short_side * low), round(short_side * high) + 1, antialias=True),
@@ -554,7 +561,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     label_resolution=True masks keep the size of their files (evaluation at the labels' own resolution).
     """
 
-    def __init__(self, root, split="train", image_size=(512, 256), classes=None, augment=False, layout="auto",
+    def __init__(self, root, split="train", image_size=DEFAULT_IMAGE_SIZE, classes=None, augment=False, layout="auto",
                  use_train_id_files=False, scale_range=(0.5, 2.0), hflip_prob=0.5, color_jitter=0.2,
                  label_resolution=False, mean=MEAN, std=STD, crop_size=None, paste_prob=0.0, paste_classes=()):
         if split not in SPLITS:
@@ -570,8 +577,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.has_labels = all(mask is not None for _, mask in self.samples)
         if augment and not self.has_labels:
             raise DatasetError(f"split {split!r} has no labels, so it cannot be augmented (use it for inference only)")
-        if not 0 <= paste_prob <= 1:
-            raise ValueError(f"paste_prob must be in [0, 1], got {paste_prob}")
+        check_augmentation(paste_prob=paste_prob)
         self.paste_prob = paste_prob if augment and paste_classes else 0.0
         self.paste_classes = torch.tensor(paste_classes, dtype=torch.uint8)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -655,13 +661,6 @@ def collate_indexed(samples):
     return list(indices), torch.stack(images), list(masks)
 
 
-def write_image_atomically(path, pixels: np.ndarray, image_format="PNG", **save_options):
-    """Save with PIL through runtime.atomic_write: never a half-written file, a symlink is replaced, and a
-    failure names the file."""
-    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-    atomic_write(path, lambda file: image.save(file, format=image_format, **save_options))
-
-
 def prepare_file(job, size: tuple[int, int]):
     """Downscale one file: photos antialiased bilinear, masks nearest (their palette, if any, kept)."""
     source, target, is_mask = job
@@ -692,7 +691,7 @@ def _single_threaded_worker():
     torch.set_num_threads(1)  # one process per core already; intra-op threads would only oversubscribe
 
 
-def prepare(src, dst, size=(512, 256), workers=None, layout="auto") -> tuple[int, int]:
+def prepare(src, dst, size=DEFAULT_IMAGE_SIZE, workers=None, layout="auto") -> tuple[int, int]:
     """Write a downscaled copy of the dataset at src into dst, in the same layout, over `workers` processes
     (default: all cores). Idempotent and resumable. Returns (files written, files skipped)."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
@@ -745,6 +744,10 @@ def holdout(src, dst, val_drives) -> dict:
     if set(val_drives) == set(drives):
         raise DatasetError(f"--val_drive: holding out every drive ({', '.join(drives)}) leaves nothing to train on")
     jobs = [("val" if drive_of(image) in val_drives else "train", image, mask) for image, mask in pairs]
+    names = [(split, image.name) for split, image, _ in jobs]
+    if len(set(names)) < len(names):
+        split, name = next(name for name in names if names.count(name) > 1)
+        raise DatasetError(f"{src}: {name} is in both train and val; their copies would share {dst / split / name}")
     if (src / "test").is_dir():
         jobs += [("test", image, mask) for image, mask in layout.samples("test")]
     for split, image, mask in tqdm(jobs, desc=f"holdout {' '.join(val_drives)}", unit="frame"):
@@ -763,7 +766,8 @@ def main(argv=None):
     prepare_parser.add_argument("--src", required=True, help="the dataset as distributed (Cityscapes, CamVid or "
                                 "the folder layout)")
     prepare_parser.add_argument("--dst", required=True, help="output root, same layout")
-    prepare_parser.add_argument("--size", type=size_arg, default=(512, 256), help="WIDTHxHEIGHT (default 512x256)")
+    prepare_parser.add_argument("--size", type=size_arg, default=DEFAULT_IMAGE_SIZE,
+                                help="WIDTHxHEIGHT (default: %(default)s)")
     prepare_parser.add_argument("--dataset", choices=["auto", *LAYOUTS], default="auto",
                                 help="the layout of --src (default: auto, recognised from its folders)")
     prepare_parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

@@ -10,7 +10,7 @@ Python.
     segmenter = Segmenter("unet_model.pth")
     mask = segmenter("street.jpg")          # (H, W) uint8 class indices at the photo's own size
 
-Every photo is resized to the --image_size the model was trained at (as the seed did) and the logits are
+Every photo is resized to the --image_size the model was trained at (as the original project did) and the logits are
 upsampled back, so the mask matches the photo pixel for pixel. For each input NAME.ext the CLI writes
 NAME_mask.png (class indices, or Cityscapes label ids with --label_ids), NAME_color.png and
 NAME_overlay.jpg; inputs are never modified.
@@ -36,16 +36,16 @@ from tqdm import tqdm
 
 from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAGE_SUFFIXES, MEAN, STD, ClassTable, DatasetError,
                      Indexed, SegmentationDataset, collate_indexed, default_palette, open_layout, photo_to_rgb,
-                     read_photo, to_model_input, write_image_atomically)
+                     read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
-from runtime import UserError, atomic_write, resolve_device, run_cli, size_arg
+from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, resolve_device, run_cli, size_arg,
+                     write_image_atomically)
 from unet import TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, upsample_argmax
 from visualize import colorize, overlay, plot_confusion_matrix
 
 DEFAULT_INPUT = "InferenceOutput/TestImages"
 DEFAULT_OUTPUT = "InferenceOutput/TestPredictions"
 DEFAULT_EVAL_OUTPUT = "InferenceOutput/Evaluation"
-FALLBACK_IMAGE_SIZE = (512, 256)  # the seed's training size, for a bare state_dict without --image_size
 
 
 # ----------------------------------------------------------------------------- the model
@@ -74,7 +74,7 @@ class Segmenter(Predictor):
 
     def __init__(self, checkpoint=WEIGHTS_FILE, device="auto", amp="auto", channels_last="auto", image_size=None,
                  classes=None, tta="none", **bare_sizes):
-        loaded = load_weights(checkpoint, bare_sizes, classes, FALLBACK_IMAGE_SIZE, MEAN, STD)
+        loaded = load_weights(checkpoint, bare_sizes, classes, DEFAULT_IMAGE_SIZE, MEAN, STD)
         super().__init__(loaded.model, resolve_device(device), amp, channels_last, tta)
         self.image_size = tuple(image_size or loaded.image_size)
         self.mean, self.std, self.dataset = loaded.mean, loaded.std, loaded.dataset

@@ -1,4 +1,4 @@
-"""The seed's training loss, `CrossEntropy + Dice`, with ignore_index honoured by both terms.
+"""The training loss of the original project, `CrossEntropy + Dice`, with ignore_index honoured by both terms.
 
 Both terms are computed in float32 even under autocast: softmax sums over the classes and the
 Dice sums over every pixel of the batch, both too lossy in bf16/fp16. Everything is built from
@@ -43,8 +43,8 @@ class CEDiceLoss(nn.Module):
     summed over the whole batch (all of N, H, W) per class c:
         dice_c = (2 * sum(p_c * g_c) + smooth) / (sum(p_c) + sum(g_c) + smooth)
     and the Dice loss is 1 - mean_c(dice_c), an unweighted mean: it already gives every class the same
-    say whatever its size, so class_weights weigh the CE term only (weighting both let the rare classes
-    swamp the large ones: bench/README.md, CamVid recipe).
+    say whatever its size, so class_weights weigh the CE term only (weighting both lets the rare classes
+    swamp the large ones).
     p and g are both zeroed at ignored pixels, so those count in neither numerator nor
     denominator. `smooth` keeps dice_c defined (= 1, i.e. no loss) for a class that is neither
     present nor predicted, and softens the gradient of rare classes.

@@ -1,4 +1,4 @@
-"""The seed's learning-rate schedule: quadratic warmup, then inverse-square-root decay.
+"""The learning-rate schedule of the original project: quadratic warmup, then inverse-square-root decay.
 
 With s = optimizer step (0-based), W = warmup_steps, d = decay_factor:
 
@@ -17,7 +17,7 @@ import sys
 import torch
 from matplotlib.figure import Figure
 
-from runtime import atomic_write, run_cli
+from runtime import run_cli, save_figure
 
 
 def check_schedule_args(base_lr, warmup_steps, decay_factor, min_lr):
@@ -58,9 +58,6 @@ class WarmupInverseSqrtLR(torch.optim.lr_scheduler.LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
-        return self._get_closed_form_lr()
-
-    def _get_closed_form_lr(self):
         return [lr_at(self.last_epoch, base_lr, self.warmup_steps, self.decay_factor, self.min_lr)
                 for base_lr in self.base_lrs]
 
@@ -80,7 +77,7 @@ def plot_schedule(path, base_lr, min_lr, warmup_steps, decay_factor, total_steps
     ax.set_ylabel("learning rate")
     ax.set_title(f"quadratic warmup + inverse-sqrt decay\nbase_lr={base_lr:g}, decay_factor={decay_factor:g}")
     ax.legend()
-    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=100))
+    save_figure(fig, path)
 
 
 def build_parser():

@@ -1,4 +1,5 @@
-"""Segmentation metrics on the official Cityscapes pixel-level protocol, and the run's metrics log.
+"""Segmentation metrics on the official Cityscapes pixel-level protocol, the one evaluation of a model on a split,
+and the run's metrics log with the training loop's tallies behind it.
 
 One confusion matrix is accumulated over the whole evaluation set and every score is computed from it
 once at the end. Averaging per-batch scores instead inflates them: a batch that lacks a class drops it
@@ -6,12 +7,15 @@ from its mean, so rare-class failures are diluted by the many batches where the 
 """
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from runtime import UserError, atomic_write
+from tqdm import tqdm
+
+from runtime import Stopped, UserError, atomic_write
 from unet import upsample_argmax
 
 
@@ -39,9 +43,6 @@ class ConfusionMatrix:
     def matrix(self):
         """(C, C) int64 counts, rows = ground truth, columns = prediction."""
         return self._counts[: self.num_classes, : self.num_classes].clone()
-
-    def reset(self):
-        self._counts.zero_()
 
     @torch.no_grad()
     def update(self, pred, target):
@@ -176,3 +177,61 @@ class MetricsLog:
         """Drop the records after `step` (what a killed run logged after its last checkpoint), atomically."""
         text = "".join(json.dumps(record) + "\n" for record in self.read() if record["step"] <= step)
         atomic_write(self.path, lambda file: file.write(text.encode()))
+
+
+DATA_WAIT_HINT = 0.25  # share of the time spent waiting for batches above which training says so, once
+
+
+class TrainLogger:
+    """Per-step tallies kept on the device (the loop never waits for the GPU), read back once per log
+    interval into a metrics.jsonl record. Also stops a run of non-finite steps and says once when the
+    input pipeline, not the model, sets the pace."""
+
+    def __init__(self, device, nonfinite_steps, images_per_step, train_images, batches, world_size, max_nonfinite):
+        self.loss, self.steps, self.bad_run, self.longest_bad_run = (torch.zeros((), device=device) for _ in range(4))
+        self.nonfinite_total = torch.tensor(float(nonfinite_steps), device=device)
+        self.logged_nonfinite = nonfinite_steps
+        self.images_per_step, self.train_images, self.batches = images_per_step, train_images, batches
+        self.world_size, self.max_nonfinite = world_size, max_nonfinite
+        self.interval_steps, self.intervals, self.slow_input_named, self.start = 0, 0, False, time.perf_counter()
+
+    def update(self, loss, finite):
+        self.loss += torch.where(finite, loss, 0.0)
+        self.steps += finite
+        self.nonfinite_total += ~finite
+        self.bad_run = torch.where(finite, 0.0, self.bad_run + 1)
+        self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
+        self.interval_steps += 1
+
+    def nonfinite_steps(self) -> int:
+        """Skipped steps so far (a host sync: for checkpoints, not for every step)."""
+        return int(self.nonfinite_total.item())
+
+    def record(self, step, lr, grad_norm) -> dict:
+        """The interval's record (a host sync); raises Stopped after --max_nonfinite_steps bad steps."""
+        if self.world_size > 1:
+            dist.all_reduce(self.loss)
+        elapsed = time.perf_counter() - self.start
+        loss_sum, finite_steps, nonfinite_total, longest_bad_run, norm = torch.stack(
+            [self.loss, self.steps, self.nonfinite_total, self.longest_bad_run, grad_norm]).tolist()
+        skipped, self.logged_nonfinite = int(nonfinite_total) - self.logged_nonfinite, int(nonfinite_total)
+        if skipped:
+            tqdm.write(f"step {step}: {skipped} step(s) since the last log had non-finite gradients and were skipped")
+        if longest_bad_run >= self.max_nonfinite:
+            raise Stopped(f"error: {int(longest_bad_run)} consecutive non-finite steps (at step {step}); "
+                          f"lower --base_lr or --grad_clip, or try --amp off")
+        record = {"step": step, "epoch": step * self.images_per_step // self.train_images,
+                  "train_loss": loss_sum / (finite_steps * self.world_size) if finite_steps else None, "lr": lr,
+                  "grad_norm": norm, "img_per_s": self.interval_steps * self.images_per_step / elapsed,
+                  "nonfinite_steps": self.logged_nonfinite, "data_wait": self.batches.waited / elapsed}
+        self.intervals += 1
+        # the first interval also holds the loader workers' start-up
+        if record["data_wait"] > DATA_WAIT_HINT and self.intervals > 1 and not self.slow_input_named:
+            self.slow_input_named = True
+            tqdm.write(f"step {step}: {record['data_wait']:.0%} of the time went to waiting for batches: the input "
+                       "pipeline sets the pace; more --num_workers, data prepared at the training size (python "
+                       "dataset.py prepare) or --data_cache device would speed training up")
+        for tally in (self.loss, self.steps, self.longest_bad_run):
+            tally.zero_()
+        self.interval_steps, self.start, self.batches.waited = 0, time.perf_counter(), 0.0
+        return record

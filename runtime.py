@@ -1,7 +1,8 @@
 """What training.py and inference.py both need from the machine: the device and its precision and memory
-layout, files written atomically with errors that name them, safe checkpoint loading, and one-line CLI errors.
+layout, files and images written atomically with errors that name them, safe checkpoint loading, one-line CLI
+errors, and the process group of a torchrun job.
 
-It sits at the bottom of the import graph (it imports only torch), so every other module may use it.
+It sits at the bottom of the import graph (it imports no module of the project), so every other module may use it.
 """
 import argparse
 import contextlib
@@ -10,12 +11,16 @@ import io
 import os
 import pickle
 import re
+import signal
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from PIL import Image
 
 USAGE_ERROR_EXIT_CODE = 2
+DEFAULT_IMAGE_SIZE = (512, 256)  # (width, height): the original project's training size, wherever none is given
 INTERRUPTED_EXIT_CODE = 130
 
 
@@ -97,6 +102,18 @@ def atomic_write(path, write):
     finally:
         with contextlib.suppress(OSError):  # nothing to remove when the folder itself was the problem
             temp_path.unlink()
+
+
+def write_image_atomically(path, pixels, image_format="PNG", **save_options):
+    """A uint8 array (or a PIL image) as an image file, through atomic_write: never half a file, and a failure
+    names the file. save_options go to PIL (e.g. quality=90 for JPEG)."""
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    atomic_write(path, lambda file: image.save(file, format=image_format, **save_options))
+
+
+def save_figure(figure, path):
+    """A matplotlib figure as a PNG, through atomic_write."""
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
 
 
 def save_torch_file(obj, path):
@@ -194,3 +211,48 @@ def use_channels_last(choice: str, device: torch.device, training: bool) -> bool
     if device.type != "cpu" or not training:
         return True
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def init_distributed(backend, timeout):
+    """The default process group; `timeout` bounds every wait, so a round that cannot form fails and torchrun
+    retries. On one node torchrun keeps one store for all its restarts, so a restarted round could read the killed
+    round's addresses and fail to connect, or wait on them forever: the keys go in a namespace of this round. Each
+    node's agent counts its own restarts, so on several nodes that count is no shared round name: there, torchrun
+    must give each round a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README's command sets)."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) == 1:
+        store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and rank == 0 \
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        print("warning: several nodes share torchrun's store across restarts; start torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted round cannot meet the previous round's keys")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+class StopRequest:
+    """First Ctrl-C (SIGINT) or SIGTERM: training finishes the step, saves a checkpoint and exits; a second Ctrl-C
+    aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: saving a checkpoint after this step (under torchrun: at the next log step; Ctrl-C "
+              "again to abort)", file=sys.stderr)
+
+    def agreed(self, device):
+        """Under DDP every rank stops at the same step: the flag is max-reduced."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

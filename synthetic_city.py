@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
-from runtime import UserError, atomic_write, run_cli, size_arg
+from runtime import DEFAULT_IMAGE_SIZE, UserError, atomic_write, run_cli, size_arg, write_image_atomically
 
 LABEL_ID = {c.name: c.id for c in Cityscapes.classes if c.id >= 0}
 ID_COLORS = np.zeros((256, 3), np.uint8)
@@ -36,6 +36,7 @@ SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 FRAME = 19  # gtFine annotates the 20th frame of each 30-frame snippet: *_000019_*
 MANIFEST = "synthetic.json"
 WHOLE = (slice(None), slice(None))  # the whole canvas, as a box
+TRAINING_SEED = 0  # the city training.py generates is data, not a training choice: the same whatever --seed
 FORMAT_VERSION = 1  # bump whenever the drawing changes, so old folders are not mixed with new scenes
 
 # Base colours (RGB in [0, 1]) per material. The greys of facades, asphalt, paving, poles and
@@ -451,10 +452,6 @@ def sample_paths(root, split, index):
     return image, labels, color
 
 
-def write_png(path, pixels):
-    atomic_write(path, lambda file: Image.fromarray(pixels).save(file, format="PNG"))
-
-
 def _write_sample(task):
     """Render and write one sample unless all its files exist; True when something was written."""
     root, split, index, width, height, seed = task
@@ -465,13 +462,13 @@ def _write_sample(task):
     image, labels = render_scene(rng, width, height)
     if split == "test":  # test labels are withheld, as in the official release: placeholders of 0 (unlabeled)
         labels = np.zeros_like(labels)
-    write_png(paths[1], labels)
-    write_png(paths[2], np.dstack([ID_COLORS[labels], np.full_like(labels, 255)]))  # RGBA, as released
-    write_png(paths[0], image)  # last: an image on disk always has its labels
+    write_image_atomically(paths[1], labels)
+    write_image_atomically(paths[2], np.dstack([ID_COLORS[labels], np.full_like(labels, 255)]))  # RGBA, as released
+    write_image_atomically(paths[0], image)  # last: an image on disk always has its labels
     return True
 
 
-def settings_for(num_train, num_val, size=(512, 256), seed=0, num_test=0):
+def settings_for(num_train, num_val, size=DEFAULT_IMAGE_SIZE, seed=0, num_test=0):
     """What synthetic.json records: every argument that changes the files."""
     width, height = (int(v) for v in size)
     return {"generator": "synthetic_city", "format_version": FORMAT_VERSION, "size": [width, height],
@@ -510,7 +507,7 @@ def _claim_folder(out_root, settings):
     atomic_write(path, lambda file: file.write(json.dumps(settings, indent=2).encode()))
 
 
-def generate(out_root, num_train, num_val, size=(512, 256), seed=0, workers=None, num_test=0):
+def generate(out_root, num_train, num_val, size=DEFAULT_IMAGE_SIZE, seed=0, workers=None, num_test=0):
     """Write a synthetic Cityscapes-format dataset under out_root; returns how many samples were drawn.
 
     Sample i of a split is drawn from its own generator seeded by (seed, split, i), so the files
@@ -534,6 +531,18 @@ def generate(out_root, num_train, num_val, size=(512, 256), seed=0, workers=None
         return sum(tqdm(map(_write_sample, tasks), **progress))
     with Pool(workers) as pool:
         return sum(tqdm(pool.imap_unordered(_write_sample, tasks, chunksize=4), **progress))
+
+
+def prepare_for_training(root, num_train, num_val, size):
+    """Generate the synthetic city at root, or finish an interrupted generation (a no-op when complete).
+    A city made with other settings, e.g. by `python synthetic_city.py`, is the user's data: used as it is."""
+    made_with = read_settings(root)
+    if made_with in (None, settings_for(num_train, num_val, size, TRAINING_SEED)):
+        generate(root, num_train, num_val, size=size, seed=TRAINING_SEED)
+    else:
+        width, height = made_with["size"]
+        print(f"{root}: using the synthetic city there as it is ({width}x{height}, {made_with['num_train']} train "
+              f"and {made_with['num_val']} val images); --synthetic_train and --synthetic_val apply to new cities")
 
 
 def main(argv=None):

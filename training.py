@@ -12,11 +12,11 @@ the best val mIoU. A resumed run continues bit for bit (same device, thread coun
 """
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,20 +34,18 @@ from tqdm import tqdm
 import synthetic_city
 from batches import TimedBatches, loader_options, train_batches
 from checkpoint import CHECKPOINT_FILE, Progress, restore, save_checkpoint
-from config import COMPUTED_CLASS_WEIGHTS, TrainConfig, build_parser, from_command_line
+from config import TrainConfig, build_parser, from_command_line, with_class_statistics
 from dataset import IGNORE_INDEX, MEAN, STD, Indexed, SegmentationDataset, collate_indexed, denormalize, open_layout
-from losses import CEDiceLoss, logit_shift, median_frequency_weights
+from losses import CEDiceLoss, logit_shift
 from lr_schedule import WarmupInverseSqrtLR
-from metrics import MetricsLog, format_table, score_split, scores
-from runtime import (INTERRUPTED_EXIT_CODE, Stopped, UserError, atomic_write, autocast_dtype, keep_freed_memory,
-                     resolve_device, run_cli, use_channels_last)
+from metrics import MetricsLog, TrainLogger, format_table, score_split, scores
+from runtime import (INTERRUPTED_EXIT_CODE, Stopped, StopRequest, UserError, atomic_write, autocast_dtype,
+                     init_distributed, keep_freed_memory, resolve_device, run_cli, use_channels_last)
 from unet import Predictor, UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
 BEST_WEIGHTS_FILE = "best_model.pth"
 SNAPSHOT_IMAGES = 4
-DATA_WAIT_HINT = 0.25  # share of the time spent waiting for batches above which training says so, once
-SYNTHETIC_SEED = 0  # the synthetic city is data, not a training choice: the same scenes whatever --seed is
 
 
 # ----------------------------------------------------------------------------- setup
@@ -72,35 +70,6 @@ def setup_device(config, local_rank):
     return device, autocast_dtype(config.amp, device), memory_format
 
 
-def init_distributed(backend, timeout):
-    """The default process group; `timeout` bounds every wait, so a round that cannot form fails and torchrun
-    retries. On one node torchrun keeps one store for all its restarts, so a restarted round could read the killed
-    round's addresses and fail to connect, or wait on them forever: the keys go in a namespace of this round. Each
-    node's agent counts its own restarts, so on several nodes that count is no shared round name: there, torchrun
-    must give each round a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README's command sets)."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
-    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) == 1:
-        store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-    elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and rank == 0 \
-            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
-        print("warning: several nodes share torchrun's store across restarts; start torchrun with "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted round cannot meet the previous round's keys")
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-
-
-def prepare_synthetic_city(root, num_train, num_val, size):
-    """Generate the synthetic city at root, or finish an interrupted generation (a no-op when complete).
-    A city made with other settings, e.g. by `python synthetic_city.py`, is the user's data: used as it is."""
-    made_with = synthetic_city.read_settings(root)
-    if made_with in (None, synthetic_city.settings_for(num_train, num_val, size, SYNTHETIC_SEED)):
-        synthetic_city.generate(root, num_train, num_val, size=size, seed=SYNTHETIC_SEED)
-    else:
-        width, height = made_with["size"]
-        print(f"{root}: using the synthetic city there as it is ({width}x{height}, {made_with['num_train']} train "
-              f"and {made_with['num_val']} val images); --synthetic_train and --synthetic_val apply to new cities")
-
-
 @dataclass
 class Data:
     train: object  # endless (images, masks) micro-batches of this rank, timed
@@ -110,19 +79,23 @@ class Data:
     train_images: int
 
 
-def build_data(config, rank, device, samples_seen):
-    """Train batches (the seeded global stream, from the samples_seen-th image on), this rank's val loader,
-    snapshot images; resolves --class_weights, which needs the train masks."""
-    root = config.data_root
+def open_data(config, rank):
+    """(layout, class table) of the data at --data_root; the synthetic city is generated first when it is the data."""
     if config.dataset == "synthetic":
         if rank == 0:
-            prepare_synthetic_city(root, config.synthetic_train, config.synthetic_val, config.size)
+            synthetic_city.prepare_for_training(config.data_root, config.synthetic_train, config.synthetic_val,
+                                                config.size)
         if config.world_size > 1:
             dist.barrier()
-    layout = open_layout(root, "cityscapes" if config.dataset == "synthetic" else config.dataset, config.train_id_files)
-    class_table = layout.class_table(config.classes)
-    common = dict(image_size=config.size, classes=class_table, layout=layout)
-    resolve_class_statistics(config, SegmentationDataset(root, "train", **common), rank)
+    layout = open_layout(config.data_root, "cityscapes" if config.dataset == "synthetic" else config.dataset,
+                         config.train_id_files)
+    return layout, layout.class_table(config.classes)
+
+
+def build_data(config, layout, class_table, rank, device, samples_seen):
+    """Train batches (the seeded global stream, from the samples_seen-th image on), this rank's val loader,
+    snapshot images."""
+    root, common = config.data_root, dict(image_size=config.size, classes=class_table, layout=layout)
     paste_classes = [class_table.names.index(name) for name in config.paste_classes or ()]
     train_set = SegmentationDataset(root, "train", augment=True, scale_range=config.scale_range,
                                     hflip_prob=config.hflip_prob, color_jitter=config.color_jitter,
@@ -166,69 +139,6 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
     return model, optimizer, scheduler, scaler
 
 
-def resolve_class_statistics(config, train_set, rank):
-    """What the train masks decide, found once and kept in the config so that a resume uses the same: the class
-    weights (config.class_weight_values, from --class_weights) and, unless --paste_classes names them, the classes
-    that --copy_paste pastes (median-frequency weight above 1, i.e. rarer than the median class). The masks are
-    scanned once, on rank 0, and the result shared with the other ranks."""
-    names = train_set.class_table.names
-    if config.paste_classes:
-        config.paste_classes = known_paste_classes(config.paste_classes, names)
-    needs_weights = config.class_weights in COMPUTED_CLASS_WEIGHTS and config.class_weight_values is None
-    needs_paste_classes = config.copy_paste > 0 and config.paste_classes is None
-    balancing = None
-    if needs_weights or needs_paste_classes:
-        balancing = [median_frequency_weights(*train_set.class_pixels()).tolist() if rank == 0 else None]
-        if config.world_size > 1:
-            dist.broadcast_object_list(balancing)
-        balancing = balancing[0]
-    resolve_class_weights(config, names, balancing, rank)
-    resolve_paste_classes(config, names, balancing, rank)
-
-
-def known_paste_classes(paste_classes, names):
-    """--paste_classes as class names, checked before any mask is scanned; a run started before the classes were
-    stored by name stored their indices, which are converted."""
-    paste_classes = tuple(names[c] if isinstance(c, int) and 0 <= c < len(names) else c for c in paste_classes)
-    unknown = [name for name in paste_classes if name not in names]
-    if unknown:
-        raise UserError(f"--paste_classes: {unknown} not among the classes trained ({', '.join(names)})")
-    return paste_classes
-
-
-def resolve_paste_classes(config, names, balancing, rank):
-    """config.paste_classes, unless --paste_classes named them: with --copy_paste, the classes whose
-    median-frequency weight in `balancing` is above 1; printed when pasting is on."""
-    if config.copy_paste == 0:
-        return
-    if config.paste_classes is None:
-        config.paste_classes = tuple(names[c] for c, weight in enumerate(balancing) if weight > 1)
-    if rank == 0:
-        print(f"copy-paste ({config.copy_paste:g} of the train photos): "
-              + (", ".join(config.paste_classes) or "none, no class is rarer than the median"))
-
-
-def resolve_class_weights(config, names, balancing, rank):
-    """config.class_weight_values from --class_weights (auto: the median-frequency weights `balancing`, sqrt:
-    their square root; a file: one number per class), once."""
-    if config.class_weights == "none" or config.class_weight_values is not None:
-        return
-    if config.class_weights in COMPUTED_CLASS_WEIGHTS:
-        weights = balancing if config.class_weights == "auto" else [math.sqrt(weight) for weight in balancing]
-    else:
-        try:
-            weights = [float(word) for word in Path(config.class_weights).read_text().split()]
-        except ValueError:
-            raise UserError(f"{config.class_weights}: --class_weights expects a file of numbers, one per class") from None
-        if len(weights) != len(names) or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
-            raise UserError(f"{config.class_weights}: {len(weights)} weights for {len(names)} classes; give one number "
-                            f">= 0 per class ({', '.join(names)}), not all 0")
-    config.class_weight_values = tuple(float(f"{weight:.4g}") for weight in weights)
-    if rank == 0:
-        print("class weights: " + ", ".join(f"{name} {weight:g}" for name, weight in zip(names,
-                                                                                        config.class_weight_values)))
-
-
 class WeightAverage:
     """Exponential moving average of a model's weights and BatchNorm statistics (timm's ModelEmaV2), evaluated and
     saved instead of the raw weights: it smooths out the last steps of a schedule that does not anneal. Its decay
@@ -262,9 +172,10 @@ def compiled(module, config):
 # ----------------------------------------------------------------------------- one step
 
 def step_unless_nonfinite(optimizer, finite):
-    """optimizer.step(), made a no-op on the device when the bool tensor `finite` is False: the fused AdamW
-    reads a `found_inf` tensor (GradScaler's contract with fused optimizers) and, where it is 1, leaves
-    weights, moments and step count untouched, with no host sync."""
+    """optimizer.step(), a no-op on the device where the bool tensor `finite` is False, with no host sync. This is
+    the contract torch.amp.GradScaler.step keeps with fused optimizers: the fused AdamW reads the `found_inf` and
+    `grad_scale` attributes and, where found_inf is 1, leaves weights, moments and step count untouched. GradScaler
+    itself serves fp16 only: enabled for float32 or bf16 it would also rescale the loss after every skipped step."""
     optimizer.found_inf = (~finite).float()
     optimizer.grad_scale = None  # gradients are already unscaled
     try:
@@ -273,34 +184,34 @@ def step_unless_nonfinite(optimizer, finite):
         del optimizer.found_inf, optimizer.grad_scale
 
 
-def train_step(model, batches, accum_steps, loss_fn, optimizer, scaler, autocast, grad_clip, device,
-               memory_format=torch.contiguous_format):
-    """One optimizer step over `accum_steps` micro-batches -> (mean loss, pre-clip grad norm, finite), all
-    on the device: nothing here waits for the GPU.
+def train_step(run):
+    """One optimizer step of run.step_model over --accum_steps micro-batches of run.data.train -> (mean loss,
+    pre-clip grad norm, finite), all on the device: nothing here waits for the GPU.
 
     Each micro-batch loss is divided by accum_steps, so the gradients are those of the mean loss; DDP's
     no_sync skips the all-reduce on all but the last micro-batch. A step whose grad norm is not finite is
     skipped, weights, optimizer state and BatchNorm statistics alike. Under DDP the norm is of the
     all-reduced gradients, so every rank makes the same decision."""
+    model, accum_steps = run.step_model, run.config.accum_steps
     buffers = list(model.buffers())  # BatchNorm statistics: updated by the forward passes, restored on a skip
     buffers_before = [buffer.clone() for buffer in buffers]
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=run.device)
     for micro_step in range(accum_steps):
-        images, masks = next(batches)
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        masks = masks.to(device, non_blocking=True)
+        images, masks = next(run.data.train)
+        images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+        masks = masks.to(run.device, non_blocking=True)
         last = micro_step == accum_steps - 1
         with contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
-            with autocast():
-                loss = loss_fn(model(images), masks) / accum_steps
-            scaler.scale(loss).backward()
+            with run.autocast():
+                loss = run.step_loss_fn(model(images), masks) / accum_steps
+            run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.config.grad_clip or math.inf)
     finite = torch.isfinite(grad_norm)
-    step_unless_nonfinite(optimizer, finite)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    step_unless_nonfinite(run.optimizer, finite)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
     for buffer, before in zip(buffers, buffers_before):
         buffer.copy_(torch.where(finite, buffer, before))
     return loss_sum, grad_norm, finite
@@ -339,90 +250,6 @@ def save_snapshot(predictor, snapshot, class_table, path):
     save_prediction_grid(path, [denormalize(image) for image in images], list(masks), list(predictions), class_table)
 
 
-# ----------------------------------------------------------------------------- logging
-
-class TrainLogger:
-    """Per-step tallies kept on the device (the loop never waits for the GPU), read back once per log
-    interval into a metrics.jsonl record. Also stops a run of non-finite steps and says once when the
-    input pipeline, not the model, sets the pace."""
-
-    def __init__(self, device, nonfinite_steps, images_per_step, train_images, batches, world_size, max_nonfinite):
-        self.loss, self.steps, self.bad_run, self.longest_bad_run = (torch.zeros((), device=device) for _ in range(4))
-        self.nonfinite_total = torch.tensor(float(nonfinite_steps), device=device)
-        self.logged_nonfinite = nonfinite_steps
-        self.images_per_step, self.train_images, self.batches = images_per_step, train_images, batches
-        self.world_size, self.max_nonfinite = world_size, max_nonfinite
-        self.interval_steps, self.intervals, self.slow_input_named, self.start = 0, 0, False, time.perf_counter()
-
-    def update(self, loss, finite):
-        self.loss += torch.where(finite, loss, 0.0)
-        self.steps += finite
-        self.nonfinite_total += ~finite
-        self.bad_run = torch.where(finite, 0.0, self.bad_run + 1)
-        self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
-        self.interval_steps += 1
-
-    def nonfinite_steps(self) -> int:
-        """Skipped steps so far (a host sync: for checkpoints, not for every step)."""
-        return int(self.nonfinite_total.item())
-
-    def record(self, step, lr, grad_norm) -> dict:
-        """The interval's record (a host sync); raises Stopped after --max_nonfinite_steps bad steps."""
-        if self.world_size > 1:
-            dist.all_reduce(self.loss)
-        elapsed = time.perf_counter() - self.start
-        loss_sum, finite_steps, nonfinite_total, longest_bad_run, norm = torch.stack(
-            [self.loss, self.steps, self.nonfinite_total, self.longest_bad_run, grad_norm]).tolist()
-        skipped, self.logged_nonfinite = int(nonfinite_total) - self.logged_nonfinite, int(nonfinite_total)
-        if skipped:
-            tqdm.write(f"step {step}: {skipped} step(s) since the last log had non-finite gradients and were skipped")
-        if longest_bad_run >= self.max_nonfinite:
-            raise Stopped(f"error: {int(longest_bad_run)} consecutive non-finite steps (at step {step}); "
-                          f"lower --base_lr or --grad_clip, or try --amp off")
-        record = {"step": step, "epoch": step * self.images_per_step // self.train_images,
-                  "train_loss": loss_sum / (finite_steps * self.world_size) if finite_steps else None, "lr": lr,
-                  "grad_norm": norm, "img_per_s": self.interval_steps * self.images_per_step / elapsed,
-                  "nonfinite_steps": self.logged_nonfinite, "data_wait": self.batches.waited / elapsed}
-        self.intervals += 1
-        # the first interval also holds the loader workers' start-up
-        if record["data_wait"] > DATA_WAIT_HINT and self.intervals > 1 and not self.slow_input_named:
-            self.slow_input_named = True
-            tqdm.write(f"step {step}: {record['data_wait']:.0%} of the time went to waiting for batches: the input "
-                       "pipeline sets the pace; more --num_workers, data prepared at the training size (python "
-                       "dataset.py prepare) or --data_cache device would speed training up")
-        for tally in (self.loss, self.steps, self.longest_bad_run):
-            tally.zero_()
-        self.interval_steps, self.start, self.batches.waited = 0, time.perf_counter(), 0.0
-        return record
-
-
-class StopRequest:
-    """First Ctrl-C (SIGINT) or SIGTERM: finish the step, save a checkpoint, exit; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstop requested: saving a checkpoint after this step (under torchrun: at the next log step; Ctrl-C "
-              "again to abort)", file=sys.stderr)
-
-    def agreed(self, device):
-        """Under DDP every rank stops at the same step: the flag is max-reduced."""
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 # ----------------------------------------------------------------------------- the run
 
 def seed_everything(seed, rank):
@@ -448,7 +275,10 @@ class Run:
     scaler: torch.amp.GradScaler
     loss_fn: CEDiceLoss
     average: WeightAverage | None
+    step_model: torch.nn.Module  # the model as the step calls it: compiled (--compile), DDP-wrapped (torchrun)
+    step_loss_fn: torch.nn.Module
     progress: Progress = field(default_factory=Progress)
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def run_dir(self) -> Path:
@@ -473,7 +303,6 @@ def save_progress(run, logger):
     """The training checkpoint of where the run stands (every rank calls it; rank 0 writes). It holds the
     evaluated weights under "model", as the weights file does; with --ema_decay the trained ones as well."""
     run.progress.nonfinite_steps = logger.nonfinite_steps()
-    run.progress.epoch = run.progress.samples_seen // run.data.train_images
     trained = {"trained_model": weights_dict(run.model, **run.weights_info())["model"],
                "average_updates": run.average.updates} if run.average else {}
     save_checkpoint(run.run_dir / CHECKPOINT_FILE, {**weights_dict(run.eval_model, **run.weights_info()), **trained},
@@ -481,17 +310,25 @@ def save_progress(run, logger):
 
 
 def start_run(config, checkpoint, rank, local_rank) -> Run:
-    """Device, data, model and optimizer, restored from the checkpoint when resuming."""
+    """Device, data (and the class statistics the config takes from it), model and optimizer, restored from the
+    checkpoint when resuming."""
     device, amp_dtype, memory_format = setup_device(config, local_rank)
-    data = build_data(config, rank, device, checkpoint["samples_seen"] if checkpoint else 0)
-    model, optimizer, scheduler, scaler = build_training(config, data.class_table.num_classes, device, memory_format,
+    layout, class_table = open_data(config, rank)
+    train_masks = SegmentationDataset(config.data_root, "train", config.size, class_table, layout=layout)
+    config = with_class_statistics(config, train_masks, rank)
+    data = build_data(config, layout, class_table, rank, device, checkpoint["samples_seen"] if checkpoint else 0)
+    model, optimizer, scheduler, scaler = build_training(config, class_table.num_classes, device, memory_format,
                                                          amp_dtype)
-    loss_fn = CEDiceLoss(data.class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
+    loss_fn = CEDiceLoss(class_table.num_classes, IGNORE_INDEX, config.ce_weight, config.dice_weight,
                          config.class_weight_values, ohem_threshold=config.ohem_threshold,
                          lovasz_weight=config.lovasz_weight, logit_adjustment=config.logit_adjustment,
                          dice_per_image=config.dice_per_image).to(device)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
-    run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average)
+    step_model = compiled(model, config)
+    if config.world_size > 1:
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average,
+              step_model, compiled(loss_fn, config))
     seed_everything(config.seed, rank)
     if checkpoint:
         run.progress = restore(checkpoint, model, optimizer, scheduler, scaler, rank, config.world_size)
@@ -553,27 +390,46 @@ def finish(run, logger):
               f"{run.progress.best_miou:.4f}) saved to {run.config.model_path}; run folder {run.run_dir}")
 
 
+def steps_within_budget(budget_s, elapsed_s, steps, loop_s) -> int:
+    """The step count that ends the run within budget_s seconds: `steps` steps (and one evaluation) took loop_s of
+    the elapsed_s so far, and the steps still to come are assumed as fast, evaluations included."""
+    return steps + max(0, math.floor((budget_s - elapsed_s) * steps / loop_s))
+
+
+def fix_steps_to_budget(run, loop_started):
+    """--time_budget: the run times its first --eval_interval steps and evaluation and fixes --training_iterations
+    to what fits, the same on every rank; the config (config.json, the checkpoint) keeps it, so a resume is exact."""
+    now = time.perf_counter()
+    steps = [steps_within_budget(run.config.time_budget * 60, now - run.started, run.progress.step, now - loop_started)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(steps)
+    run.config = dataclasses.replace(run.config, training_iterations=steps[0])
+    if run.rank == 0:
+        run.config.save(run.run_dir / "config.json")
+        tqdm.write(f"time budget {run.config.time_budget:g} min: {run.progress.step} steps and an evaluation took "
+                   f"{now - loop_started:.0f} s ({now - run.started:.0f} s since the start): training for "
+                   f"{steps[0]} steps")
+    return steps[0]
+
+
 def train(config, checkpoint, rank=0, local_rank=0):
     """The training loop, in phases: build the run, then step, log, evaluate, checkpoint, until done."""
+    started = time.perf_counter()  # --time_budget counts the setup too
     run = start_run(config, checkpoint, rank, local_rank)
+    config, run.started = run.config, started
     if rank == 0:
         print(json.dumps(config.to_dict(), indent=2))
         open_run_folder(run)
-    train_model = compiled(run.model, config)
-    if config.world_size > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    train_loss_fn = compiled(run.loss_fn, config)
     metrics = MetricsLog(run.run_dir / "metrics.jsonl")
     logger = TrainLogger(run.device, run.progress.nonfinite_steps, config.global_batch, run.data.train_images,
                          run.data.train, config.world_size, config.max_nonfinite_steps)
-    stop, total = StopRequest(), config.training_iterations
-    bar = tqdm(total=total, initial=run.progress.step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    stop, total, loop_started = StopRequest(), config.training_iterations or math.inf, time.perf_counter()
+    bar = tqdm(total=config.training_iterations, initial=run.progress.step, disable=rank != 0, unit="step",
+               dynamic_ncols=True)
     try:
         while run.progress.step < total:
             lr = run.optimizer.param_groups[0]["lr"]
-            loss, grad_norm, finite = train_step(train_model, run.data.train, config.accum_steps, train_loss_fn,
-                                                 run.optimizer, run.scaler, run.autocast, config.grad_clip, run.device,
-                                                 run.memory_format)
+            loss, grad_norm, finite = train_step(run)
             run.scheduler.step()
             if run.average:
                 run.average.update(run.model)
@@ -591,6 +447,8 @@ def train(config, checkpoint, rank=0, local_rank=0):
                                     img_s=f"{record['img_per_s']:.1f}")
             if step % config.eval_interval == 0 and step < total:
                 evaluate(run, config.eval_iterations)
+                if total == math.inf:
+                    bar.total = total = fix_steps_to_budget(run, loop_started)
             if step % config.save_model_interval == 0 and step < total:
                 save_progress(run, logger)
             # a checkpoint at the last step would read as a finished run, so the last step just finishes. Under
@@ -619,7 +477,7 @@ def run_training(argv):
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints; errors still reach stderr
     try:
         config, checkpoint = from_command_line({k: v for k, v in vars(args).items() if v is not None}, world_size)
-        if checkpoint and checkpoint["step"] >= config.training_iterations:
+        if checkpoint and config.training_iterations and checkpoint["step"] >= config.training_iterations:
             print(f"{config.resume}: already complete ({checkpoint['step']} steps); raise --training_iterations to "
                   f"train further")
             return 0

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import UserError, autocast_dtype, load_torch_file, save_torch_file, use_channels_last
+from runtime import DEFAULT_IMAGE_SIZE, UserError, autocast_dtype, load_torch_file, save_torch_file, use_channels_last
 
 WEIGHTS_FILE = "unet_model.pth"  # training's --model_path and inference's --checkpoint by default
 UPSAMPLE_BYTES = 256 * 2**20  # upper bound on the float32 logits upsample_argmax holds at once
@@ -63,7 +63,7 @@ class UNet(nn.Module):
     decoder (milesial's layout, ~17 M instead of ~31 M parameters for the classic config). One Dropout2d sits
     on the bottleneck, where most parameters are; the skips keep the fine detail that boundaries need.
     forward() zero-pads the bottom and right edges to a multiple of 2**depth and crops the logits back
-    (the seed needed sizes divisible by 16): zero is the mean colour after normalisation, and what every
+    (the original project needed sizes divisible by 16): zero is the mean colour after normalisation, and what every
     3x3 conv pads with. In train mode BatchNorm needs N * ceil(H / 2**depth) * ceil(W / 2**depth) > 1.
     """
 
@@ -226,7 +226,7 @@ def save_weights(path, model, **info):
     save_torch_file(weights_dict(model, **info), path)
 
 
-def load_weights(path, fixed=None, class_names=None, fallback_size=(512, 256), mean=None, std=None):
+def load_weights(path, fixed=None, class_names=None, fallback_size=DEFAULT_IMAGE_SIZE, mean=None, std=None):
     """Rebuild the model a weights file (or a training checkpoint) describes.
 
     A bare state_dict (also one saved from a torch.compile'd or DDP model) knows no classes, size or

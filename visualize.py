@@ -10,12 +10,7 @@ from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
 from dataset import IGNORE_INDEX
-from runtime import atomic_write
-
-
-def save_figure(figure, path):
-    """PNG through runtime.atomic_write: never half a file, and a full disk names the file."""
-    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+from runtime import save_figure
 
 
 def _as_numpy(array) -> np.ndarray:

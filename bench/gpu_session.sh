@@ -5,9 +5,9 @@
 #   bash bench/gpu_session.sh 2    # torch.compile, and the headline: 10 epochs of training.py (data cache), MFU
 #   bash bench/gpu_session.sh 3    # 1 epoch with loader workers instead, data loading, inference, layout
 #
-# Each script runs with --record, which appends its results to bench/README.md; at the end the
-# updated bench/README.md and the whole log are copied to $OUT (the device tool's folder that comes
-# back), or to bench/out/ without it. A failing script is reported and the next one still runs.
+# Each script runs with --record, which writes its raw block to bench/records/ and a row to bench/README.md; at
+# the end the updated bench/README.md, bench/records/ (as one archive) and the whole log are copied to $OUT (the
+# device tool's folder that comes back), or to bench/out/ without it. A failing script is reported and the next one still runs.
 # It first checks that the runtime and test packages import, and stops if one does not.
 # segmentation_models_pytorch (the smp row; it needs timm, huggingface_hub and safetensors, which the
 # H100 image has) is installed from wheels in .whl/ when present, for a machine with no package index:
@@ -75,3 +75,4 @@ case $part in
     ;;
 esac
 cp bench/README.md "$out/bench_README.md"
+tar -czf "$out/bench_records.tar.gz" bench/records  # the raw blocks --record wrote (one file each)

@@ -160,13 +160,39 @@ def format_table(header, rows):
 
 
 def record(title, header_line, body):
-    """Append a dated results block, with the command that made it, to bench/README.md (below its
-    last line, never rewriting it)."""
+    """Write the raw results block, with the command that made it and the CPU's kind, to a new dated file
+    bench/records/DATE-HHMM-TITLE.md, and add one row for it at the end of bench/README.md's table (date,
+    machine, command, link): the README stays one table, and every number keeps its source."""
+    import re
+
+    from runtime import atomic_write, cpu_has_native_bf16
+
     command = " ".join([f"python -m bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
-    block = f"\n### {title}\n\n{header_line}\n\n`{command}`\n\n{body}\n"
-    with open(README, "a") as file:
-        file.write(block)
-    print(f"recorded in {README}")
+    stamp = re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d", header_line)  # the header's date: file, row and block agree
+    when = datetime.strptime(stamp.group(), "%Y-%m-%d %H:%M") if stamp else datetime.now()
+    cpu_kind = f"{torch.backends.cpu.get_cpu_capability()}, {'' if cpu_has_native_bf16() else 'no '}native bf16"
+    block = f"# {title}, {when:%Y-%m-%d %H:%M}\n\n{header_line}; {cpu_kind}\n\n`{command}`\n\n{body}\n"
+    records = README.parent / "records"
+    records.mkdir(exist_ok=True)
+    stem, copy = f"{when:%Y-%m-%d-%H%M}-{title.replace('_', '-')}", 1
+    while True:  # a second run of the same bench in the same minute gets its own file, never overwrites one
+        path = records / (f"{stem}.md" if copy == 1 else f"{stem}-{copy}.md")
+        try:
+            with open(path, "x") as file:
+                file.write(block)
+            break
+        except FileExistsError:
+            copy += 1
+    # the header without its date (a column of its own), torch threads and load average (both in the record)
+    machine = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d, |, \d+ torch threads|, load average [\d.]+$", "", header_line)
+    cells = [f"{when:%Y-%m-%d %H:%M}", f"{machine}; {cpu_kind}", f"`{command}`", "not summarised yet",
+             f"[record](records/{path.name})"]
+    row = "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+    lines = README.read_text().splitlines()
+    last_row = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines) - 1)
+    lines.insert(last_row + 1, row)
+    atomic_write(README, lambda file: file.write(("\n".join(lines) + "\n").encode()))
+    print(f"recorded in {path}, and a row for it in {README}")
 
 
 def report(title, header_line, body, record_it):

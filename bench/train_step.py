@@ -17,6 +17,7 @@ an AVX2 fp32 estimate on CPU, printed).
 """
 import argparse
 import itertools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +107,13 @@ def build_step(name, options):
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
+    step = types.SimpleNamespace(step_model=step_model, data=types.SimpleNamespace(train=batches), step_loss_fn=loss_fn,
+                                 config=types.SimpleNamespace(accum_steps=1, grad_clip=config.grad_clip),
+                                 optimizer=optimizer, scaler=scaler, autocast=autocast, device=device,
+                                 memory_format=memory_format)  # what train_step reads of a training.Run
+
     def our_step():
-        loss, _, _ = training.train_step(step_model, batches, 1, loss_fn, optimizer, scaler, autocast,
-                                         config.grad_clip, device, memory_format)
+        loss, _, _ = training.train_step(step)
         scheduler.step()
         return loss
 

@@ -63,6 +63,7 @@ def window_offset(crop, whole):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs training or inference end to end (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "both_cpu_kinds: run twice, as on a CPU without native bf16 and as on one "
                                        "with it (AVX512-BF16 or AMX), where --amp auto trains in bf16")
 
@@ -72,20 +73,31 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("native_bf16", [False, True], indirect=True, ids=["cpu_avx2", "cpu_native_bf16"])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cpu_without_native_bf16():
+    """runtime.cpu_has_native_bf16 answers no in this process, whatever the CPU, so that the suite takes the same
+    paths everywhere (also in fixtures of a wider scope); both_cpu_kinds tests also run with the answer yes (a CPU
+    without native bf16 emulates it: slower, the same rounding). Subprocesses see the real CPU, so tests that compare
+    them with an in-process run pin their precision (--amp off)."""
+    real = runtime.cpu_has_native_bf16
+    runtime.cpu_has_native_bf16 = lambda: False
+    yield
+    runtime.cpu_has_native_bf16 = real
+
+
 @pytest.fixture(autouse=True)
 def native_bf16(request, monkeypatch):
-    """What runtime.cpu_has_native_bf16 answers in this process: no, unless a both_cpu_kinds test asks for both
-    answers, so the suite takes the same paths on every CPU and both kinds' paths are tested on any CPU (a CPU
-    without native bf16 emulates it: slower, same rounding). Subprocesses see the real CPU."""
+    """What runtime.cpu_has_native_bf16 answers in this test: no, or both answers in a both_cpu_kinds test."""
     native = getattr(request, "param", False)
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    if native:
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     return native
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread: bit-identical weights need the same thread count in every run, and on a shared
-    2-core machine one thread beats two contended ones."""
+    """One intra-op thread for a whole test module: bit-identical weights need the same thread count in every run
+    (in process and in subprocesses), and on a shared 2-core machine one thread beats two contended ones."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -215,3 +227,30 @@ def make_camvid(tmp_path):
         return root
 
     return make
+
+
+# A tiny training run; --amp off: float32 whatever the CPU, so that in-process and subprocess runs agree bit
+# for bit
+TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
+        "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu",
+        "--amp", "off"]
+
+
+@pytest.fixture
+def city(make_cityscapes):
+    return make_cityscapes(size=(32, 16), counts={"train": 8, "val": 4}, block=4, noise=10)
+
+
+def tiny_args(data_root, run_dir, *extra):
+    return ["--data_root", str(data_root), "--out_dir", str(run_dir), "--model_path", str(run_dir / "unet_model.pth"),
+            *TINY, *extra]
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    return [r for r in parsed if "train_loss" in r], [r for r in parsed if "miou" in r]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -15,7 +15,7 @@ TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batc
         "--class_weights", "auto"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def table_rows(output):

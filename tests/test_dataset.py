@@ -13,8 +13,8 @@ import dataset
 import synthetic_city
 from conftest import window_offset
 from dataset import (IGNORE_INDEX, ClassTable, DatasetError, SegmentationDataset, denormalize, has_cityscapes, paste,
-                     prepare, write_image_atomically)
-from runtime import one_line, parse_size
+                     prepare)
+from runtime import one_line, parse_size, write_image_atomically
 from visualize import colorize, legend_image, overlay, save_prediction_grid
 
 EVAL_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]

@@ -253,6 +253,7 @@ def train_weights(city, run_dir, *extra):
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("copy_paste", ["0", "0.5"])
 def test_training_from_the_cache_reproduces_and_resumes_bit_exactly(make_cityscapes, tmp_path, one_thread, copy_paste):
     city = make_cityscapes(size=(32, 16), counts={"train": 5, "val": 2}, block=4, noise=10)

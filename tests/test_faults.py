@@ -21,11 +21,13 @@ from bench import restarts
 
 REPO = Path(__file__).resolve().parents[1]
 
+# --amp off: float32 whatever the CPU, so that in-process and subprocess runs agree bit for bit
 TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
-        "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu"]
+        "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu",
+        "--amp", "off"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
@@ -63,12 +65,12 @@ def test_restart_rounds_get_their_own_keys_on_one_node_and_a_fresh_store_on_seve
     """One node: keys under the restart count; several nodes (whose agents count restarts apart): no namespace,
     and, when restarts are allowed, a warning unless torchrun gives every round a fresh store."""
     seen = {}
-    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, store, **kwargs: seen.update(store=store))
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda backend, store, **kwargs: seen.update(store=store))
     environment = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                    "TORCHELASTIC_RESTART_COUNT": "3", "TORCHELASTIC_MAX_RESTARTS": "3", "GROUP_WORLD_SIZE": nodes}
     for key, value in {**environment, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": fresh_store}.items():
         monkeypatch.setenv(key, value) if value is not None else monkeypatch.delenv(key, raising=False)
-    training.init_distributed("gloo", timedelta(seconds=30))
+    runtime.init_distributed("gloo", timedelta(seconds=30))
     store = seen["store"]
     store.set("key", "value")
     underlying = store.underlying_store if isinstance(store, torch.distributed.PrefixStore) else store

@@ -588,6 +588,7 @@ def test_evaluate_refuses_the_unlabelled_test_split(tmp_path, checkpoint, make_c
     assert "no labels" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.both_cpu_kinds
 def test_evaluating_what_training_wrote_reproduces_its_final_val_scores(tmp_path, capsys, monkeypatch, native_bf16):
     """End to end: a few training.py steps on the synthetic city, then --evaluate must give training's numbers to

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dataset
 import inference
 import training
 from conftest import CAMVID_COLORS, FOLDER_CLASSES
@@ -224,6 +225,7 @@ def mask_file_miou(mask_folder, dataset):
 
 
 @pytest.mark.parametrize("kind", ["folder", "camvid"])
+@pytest.mark.slow
 def test_train_segment_and_evaluate_follow_the_data_class_table(make_folder_dataset, make_camvid, tmp_path, capsys,
                                                                 kind):
     """The checkpoint carries the data's names and colours; the masks, colour maps and the evaluation use them;
@@ -281,3 +283,44 @@ def test_the_layout_can_be_forced_and_a_wrong_one_is_one_line(make_camvid, tmp_p
                                               f"order: NAME [R G B])"
     assert open_layout(root, "camvid").kind == "camvid"
     assert not (tmp_path / "run").exists()
+
+
+def test_holdout_copies_camvid_with_a_whole_drive_as_val_and_the_rest_as_train(make_camvid, tmp_path, capsys):
+    root = make_camvid(counts={"train": 4, "val": 2, "test": 1})
+    held_out = []
+    for split, count in (("train", 2), ("val", 1)):  # some train and val frames of a second drive, 0006R0
+        for path in sorted((root / split).iterdir())[:count]:
+            name = path.name.replace("0001TP", "0006R0" if split == "train" else "0006R0_9")
+            held_out.append(name)
+            for folder in (split, f"{split}annot"):
+                (root / folder / path.name).rename(root / folder / name)
+    source = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    out = tmp_path / "driveout"
+    assert dataset.main(["holdout", "--src", str(root), "--dst", str(out), "--val_drive", "0006R0"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{out}: train 3 frames, val 3 frames, test 1 frames")
+    assert sorted(path.name for path in (out / "val").iterdir()) == sorted(held_out)
+    assert sorted(path.name for path in (out / "valannot").iterdir()) == sorted(held_out)
+    assert all(path.name.startswith("0001TP") for path in (out / "train").iterdir())
+    assert len(list((out / "train").iterdir())) == 3 and len(list((out / "test").iterdir())) == 1
+    for path in out.rglob("*.png"):  # byte copies of the source's files
+        originals = [data for source_path, data in source.items() if source_path.name == path.name
+                     and source_path.parent.name.endswith("annot") == path.parent.name.endswith("annot")]
+        assert path.read_bytes() in originals
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == source  # untouched
+    assert len(SegmentationDataset(out, "val", (48, 36), layout="camvid")) == 3
+
+    for argv, message in (
+            (["--dst", str(tmp_path / "x"), "--val_drive", "0005VD"], f"{root}: no frames of drive 0005VD (its drives: "
+                                                                     "0001TP, 0006R0)"),
+            (["--dst", str(tmp_path / "y"), "--val_drive", "0001TP", "0006R0"], "--val_drive: holding out every drive "
+                                                                                "(0001TP, 0006R0) leaves nothing to "
+                                                                                "train on"),
+            (["--dst", str(out)], f"{out}: destination must be a new or empty folder outside {root}")):
+        assert dataset.main(["holdout", "--src", str(root), *argv]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    clash = make_camvid("clash", counts={"train": 2, "val": 2})  # train and val both hold 0001TP_006720.png
+    for folder in ("train", "trainannot"):
+        (clash / folder / "0001TP_006690.png").rename(clash / folder / "0006R0_006690.png")
+    assert dataset.main(["holdout", "--src", str(clash), "--dst", str(tmp_path / "z")]) == 2
+    assert capsys.readouterr().err == (f"error: {clash}: 0001TP_006720.png is in both train and val; their copies "
+                                       f"would share {tmp_path / 'z' / 'train' / '0001TP_006720.png'}\n")
