@@ -27,6 +27,7 @@ class Progress:
     best_miou: float = -1.0
     best_step: int | None = None
     nonfinite_steps: int = 0
+    seconds: float = 0.0  # wall time so far, setup included, over every process of the run (--time_budget)
 
 
 def rng_state():

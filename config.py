@@ -19,7 +19,7 @@ import torch.distributed as dist
 from checkpoint import find_resume_checkpoint, read_checkpoint
 from dataset import detect_layout, has_cityscapes, no_dataset_error
 from losses import median_frequency_weights
-from runtime import UserError, atomic_write, parse_size
+from runtime import DEFAULT_IMAGE_SIZE, UserError, atomic_write, parse_size
 from synthetic_city import read_settings as synthetic_city_settings
 from unet import WEIGHTS_FILE
 
@@ -49,7 +49,7 @@ class TrainConfig:
     classes: tuple | None = option(None, "class names to train, in index order; quote names with spaces, e.g. "
                                    "--classes road sidewalk \"traffic light\" (default: the dataset's classes, for "
                                    "Cityscapes its 19 evaluation classes)", "data", nargs="+")
-    image_size: str = option("512x256", "size WIDTHxHEIGHT photos are resized to, for training, evaluation and "
+    image_size: str = option("{}x{}".format(*DEFAULT_IMAGE_SIZE), "size WIDTHxHEIGHT photos are resized to, for training, evaluation and "
                              "inference; evaluation scores at the labels' own size", "data")
     crop_size: str | None = option(None, "augmentation: train on random crops WIDTHxHEIGHT of the scaled image, "
                                    "so that a larger --image_size shows finer detail at the crop's cost per step; "
@@ -102,11 +102,12 @@ class TrainConfig:
 
     batch_size: int = option(8, "images per micro-batch and process", "optimisation", type=int)
     accum_steps: int = option(2, "micro-batches per optimizer step (gradient accumulation)", "optimisation", type=int)
-    training_iterations: int | None = option(1860, "optimizer steps", "optimisation", type=int)
-    time_budget: float = option(0.0, "minutes the whole run may take, setup and evaluations included: the run times "
-                                "its first --eval_interval steps and evaluation, then fixes --training_iterations to "
-                                "the steps that fit, prints it and keeps it in config.json (so --resume is exact); "
-                                "0 = train --training_iterations steps", "optimisation", type=float)
+    training_iterations: int | None = option(1860, "optimizer steps; with --time_budget, the run fixes them itself",
+                                             "optimisation", type=int)
+    time_budget: float = option(0.0, "minutes the whole run should take, setup and evaluations included: the run "
+                                "times its first --eval_interval steps and evaluation, then fixes --training_iterations "
+                                "to the steps that fit, prints it and keeps it in config.json and the checkpoint (so "
+                                "--resume continues to it); 0 = train --training_iterations steps", "optimisation", type=float)
     base_lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", "optimisation", type=float)
     min_lr: float = option(1e-5, "starting learning rate and floor of the decay", "optimisation", type=float)
     warmup_steps: int = option(100, "optimizer steps of quadratic warmup", "optimisation", type=int)
@@ -207,7 +208,8 @@ class TrainConfig:
                 "batch_size", "accum_steps", "eval_interval", "save_model_interval", "log_interval",
                 "base_channels", "depth", "max_nonfinite_steps", "dist_timeout")),
             # None: --time_budget fixes the count after the first evaluation
-            ("training_iterations", self.training_iterations is None or self.training_iterations >= 1, ">= 1"),
+            ("training_iterations", self.training_iterations >= 1 if self.training_iterations is not None
+             else self.time_budget > 0, ">= 1"),
             ("time_budget", self.time_budget >= 0, ">= 0"),
             # a negative --grad_clip would flip the gradients' sign
             *((key, getattr(self, key) >= 0, ">= 0") for key in (
@@ -266,11 +268,11 @@ PRESETS = {
 # small bilinear U-Net at half resolution, the rare classes weighted and pasted into other photos (docs/camvid.md
 # tells how each setting was chosen).
 REAL_PHOTOS = dict(image_size="240x180", base_channels=16, depth=5, bilinear=True, batch_size=8, accum_steps=1,
-                   time_budget=30.0, eval_interval=300, save_model_interval=300, num_workers=1,
+                   time_budget=30.0, training_iterations=1200, eval_interval=300, save_model_interval=300, num_workers=1,
                    scale_range=(1.0, 1.0), color_jitter=0.0, copy_paste=0.5, class_weights="auto",
                    logit_adjustment=0.5, base_lr=2e-3, decay_factor=1e-2, ema_decay=0.995)
 # A GPU affords CamVid's full 480x360 and a wider model, and its many more epochs want scale and colour augmentation.
-REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, eval_interval=500,
+REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, training_iterations=6000, eval_interval=500,
                           save_model_interval=500, scale_range=(0.5, 2.0), color_jitter=0.2, decay_factor=2e-3,
                           ema_decay=0.999, num_workers=6)
 PRESETS["camvid"] = Preset("CamVid as the SegNet tutorial distributes it (11 classes): a 30-minute run on a 2-core CPU",

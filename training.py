@@ -277,8 +277,8 @@ class Run:
     average: WeightAverage | None
     step_model: torch.nn.Module  # the model as the step calls it: compiled (--compile), DDP-wrapped (torchrun)
     step_loss_fn: torch.nn.Module
+    started: float  # time.perf_counter() at which the run would have started had it never stopped
     progress: Progress = field(default_factory=Progress)
-    started: float = field(default_factory=time.perf_counter)
 
     @property
     def run_dir(self) -> Path:
@@ -303,13 +303,14 @@ def save_progress(run, logger):
     """The training checkpoint of where the run stands (every rank calls it; rank 0 writes). It holds the
     evaluated weights under "model", as the weights file does; with --ema_decay the trained ones as well."""
     run.progress.nonfinite_steps = logger.nonfinite_steps()
+    run.progress.seconds = time.perf_counter() - run.started
     trained = {"trained_model": weights_dict(run.model, **run.weights_info())["model"],
                "average_updates": run.average.updates} if run.average else {}
     save_checkpoint(run.run_dir / CHECKPOINT_FILE, {**weights_dict(run.eval_model, **run.weights_info()), **trained},
                     run.optimizer, run.scheduler, run.scaler, run.config, run.progress, run.rank, run.config.world_size)
 
 
-def start_run(config, checkpoint, rank, local_rank) -> Run:
+def start_run(config, checkpoint, rank, local_rank, started) -> Run:
     """Device, data (and the class statistics the config takes from it), model and optimizer, restored from the
     checkpoint when resuming."""
     device, amp_dtype, memory_format = setup_device(config, local_rank)
@@ -328,10 +329,11 @@ def start_run(config, checkpoint, rank, local_rank) -> Run:
     if config.world_size > 1:
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(config, rank, device, amp_dtype, memory_format, data, model, optimizer, scheduler, scaler, loss_fn, average,
-              step_model, compiled(loss_fn, config))
+              step_model, compiled(loss_fn, config), started)
     seed_everything(config.seed, rank)
     if checkpoint:
         run.progress = restore(checkpoint, model, optimizer, scheduler, scaler, rank, config.world_size)
+        run.started -= run.progress.seconds
         if average:
             average.load_state_dict(checkpoint)
     return run
@@ -390,40 +392,41 @@ def finish(run, logger):
               f"{run.progress.best_miou:.4f}) saved to {run.config.model_path}; run folder {run.run_dir}")
 
 
-def steps_within_budget(budget_s, elapsed_s, steps, loop_s) -> int:
-    """The step count that ends the run within budget_s seconds: `steps` steps (and one evaluation) took loop_s of
-    the elapsed_s so far, and the steps still to come are assumed as fast, evaluations included."""
-    return steps + max(0, math.floor((budget_s - elapsed_s) * steps / loop_s))
+def steps_within_budget(budget_s, elapsed_s, step, seconds_per_step) -> int:
+    """The step count that ends the run within budget_s seconds: at `step`, elapsed_s into the run, with the steps
+    to come as long as the timed ones (each carrying its share of the periodic evaluations)."""
+    return step + max(0, math.floor((budget_s - elapsed_s) / seconds_per_step))
 
 
-def fix_steps_to_budget(run, loop_started):
-    """--time_budget: the run times its first --eval_interval steps and evaluation and fixes --training_iterations
-    to what fits, the same on every rank; the config (config.json, the checkpoint) keeps it, so a resume is exact."""
+def fix_steps_to_budget(run, loop_started, first_step):
+    """--time_budget: from this process's steps since first_step and its evaluation, the count that fits the budget,
+    the same on every rank; kept in the config (config.json, and the checkpoint written right after), so a resume
+    continues to it. The budget counts the time of every process of the run, setup included."""
     now = time.perf_counter()
-    steps = [steps_within_budget(run.config.time_budget * 60, now - run.started, run.progress.step, now - loop_started)]
+    seconds_per_step = (now - loop_started) / (run.progress.step - first_step)
+    steps = [steps_within_budget(run.config.time_budget * 60, now - run.started, run.progress.step, seconds_per_step)]
     if dist.is_initialized():
         dist.broadcast_object_list(steps)
     run.config = dataclasses.replace(run.config, training_iterations=steps[0])
     if run.rank == 0:
         run.config.save(run.run_dir / "config.json")
-        tqdm.write(f"time budget {run.config.time_budget:g} min: {run.progress.step} steps and an evaluation took "
-                   f"{now - loop_started:.0f} s ({now - run.started:.0f} s since the start): training for "
-                   f"{steps[0]} steps")
+        tqdm.write(f"time budget {run.config.time_budget:g} min: {seconds_per_step:.2f} s a step with the evaluations, "
+                   f"{(now - run.started) / 60:.1f} min so far: training for {steps[0]} steps")
     return steps[0]
 
 
 def train(config, checkpoint, rank=0, local_rank=0):
     """The training loop, in phases: build the run, then step, log, evaluate, checkpoint, until done."""
-    started = time.perf_counter()  # --time_budget counts the setup too
-    run = start_run(config, checkpoint, rank, local_rank)
-    config, run.started = run.config, started
+    run = start_run(config, checkpoint, rank, local_rank, started=time.perf_counter())  # --time_budget counts setup
+    config = run.config
     if rank == 0:
         print(json.dumps(config.to_dict(), indent=2))
         open_run_folder(run)
     metrics = MetricsLog(run.run_dir / "metrics.jsonl")
     logger = TrainLogger(run.device, run.progress.nonfinite_steps, config.global_batch, run.data.train_images,
                          run.data.train, config.world_size, config.max_nonfinite_steps)
-    stop, total, loop_started = StopRequest(), config.training_iterations or math.inf, time.perf_counter()
+    stop, total = StopRequest(), config.training_iterations or math.inf
+    loop_started, first_step = time.perf_counter(), run.progress.step
     bar = tqdm(total=config.training_iterations, initial=run.progress.step, disable=rank != 0, unit="step",
                dynamic_ncols=True)
     try:
@@ -447,9 +450,11 @@ def train(config, checkpoint, rank=0, local_rank=0):
                                     img_s=f"{record['img_per_s']:.1f}")
             if step % config.eval_interval == 0 and step < total:
                 evaluate(run, config.eval_iterations)
-                if total == math.inf:
-                    bar.total = total = fix_steps_to_budget(run, loop_started)
-            if step % config.save_model_interval == 0 and step < total:
+            fixing = total == math.inf and step % config.eval_interval == 0
+            if fixing:
+                bar.total = total = fix_steps_to_budget(run, loop_started, first_step)
+                config = run.config
+            if (step % config.save_model_interval == 0 or fixing) and step < total:  # a resume keeps a fixed count
                 save_progress(run, logger)
             # a checkpoint at the last step would read as a finished run, so the last step just finishes. Under
             # DDP, agreeing to stop is a collective that waits for the GPU, so ranks agree at log steps only.

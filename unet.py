@@ -143,7 +143,7 @@ def fold_batchnorm(model):
         if isinstance(module, nn.Sequential):
             for index in range(len(module) - 1):
                 conv, norm = module[index], module[index + 1]
-                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
                     module[index] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
                     module[index + 1] = nn.Identity()
     return model

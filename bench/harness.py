@@ -8,6 +8,7 @@ ratios stay meaningful even when absolute numbers move.
 import multiprocessing
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from runtime import size_arg
+from runtime import atomic_write, cpu_has_native_bf16, size_arg
 
 README = Path(__file__).resolve().parent / "README.md"
 # H100 SXM dense bf16 tensor-core peak (TFLOP/s); the MFU denominator on CUDA unless --peak_tflops says otherwise.
@@ -163,10 +164,6 @@ def record(title, header_line, body):
     """Write the raw results block, with the command that made it and the CPU's kind, to a new dated file
     bench/records/DATE-HHMM-TITLE.md, and add one row for it at the end of bench/README.md's table (date,
     machine, command, link): the README stays one table, and every number keeps its source."""
-    import re
-
-    from runtime import atomic_write, cpu_has_native_bf16
-
     command = " ".join([f"python -m bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
     stamp = re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d", header_line)  # the header's date: file, row and block agree
     when = datetime.strptime(stamp.group(), "%Y-%m-%d %H:%M") if stamp else datetime.now()

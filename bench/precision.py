@@ -6,8 +6,8 @@ For each precision (inference.py --amp off and --amp bf16): photos per second of
 and 8 at the training size) and end to end through inference.py on --num_photos of the split's photos (decode,
 resize, model, upsample, argmax, three files written); the split's mIoU through inference.py --evaluate; and the
 share of the split's pixels whose class is the same in both precisions. bf16 is fast only where the CPU computes
-it natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it with the same rounding, so agreement and mIoU
-carry over to any CPU and the speeds do not.
+it natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, with bf16's rounding of inputs and weights, so
+agreement and mIoU carry over to a native-bf16 CPU up to the last bits of its sums, and the speeds do not.
 """
 import argparse
 import json

@@ -62,12 +62,6 @@ def window_offset(crop, whole):
                  if torch.equal(whole[..., y:y + height, x:x + width], crop)), None)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs training or inference end to end (deselect with -m 'not slow')")
-    config.addinivalue_line("markers", "both_cpu_kinds: run twice, as on a CPU without native bf16 and as on one "
-                                       "with it (AVX512-BF16 or AMX), where --amp auto trains in bf16")
-
-
 def pytest_generate_tests(metafunc):
     if metafunc.definition.get_closest_marker("both_cpu_kinds"):
         metafunc.parametrize("native_bf16", [False, True], indirect=True, ids=["cpu_avx2", "cpu_native_bf16"])
@@ -77,8 +71,8 @@ def pytest_generate_tests(metafunc):
 def cpu_without_native_bf16():
     """runtime.cpu_has_native_bf16 answers no in this process, whatever the CPU, so that the suite takes the same
     paths everywhere (also in fixtures of a wider scope); both_cpu_kinds tests also run with the answer yes (a CPU
-    without native bf16 emulates it: slower, the same rounding). Subprocesses see the real CPU, so tests that compare
-    them with an in-process run pin their precision (--amp off)."""
+    without native bf16 emulates it: slower, and its last bits may differ from native kernels'). Subprocesses see
+    the real CPU, so tests that compare them with an in-process run pin their precision (--amp off)."""
     real = runtime.cpu_has_native_bf16
     runtime.cpu_has_native_bf16 = lambda: False
     yield
@@ -87,7 +81,8 @@ def cpu_without_native_bf16():
 
 @pytest.fixture(autouse=True)
 def native_bf16(request, monkeypatch):
-    """What runtime.cpu_has_native_bf16 answers in this test: no, or both answers in a both_cpu_kinds test."""
+    """What runtime.cpu_has_native_bf16 answers in this test: no, or both answers in a both_cpu_kinds test (whose
+    monkeypatch.undo() would fall back to no)."""
     native = getattr(request, "param", False)
     if native:
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)

@@ -18,13 +18,10 @@ import runtime
 import synthetic_city
 import training
 from bench import restarts
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
-# --amp off: float32 whatever the CPU, so that in-process and subprocess runs agree bit for bit
-TINY = ["--image_size", "32x16", "--base_channels", "4", "--depth", "2", "--batch_size", "2", "--accum_steps", "1",
-        "--warmup_steps", "1", "--log_interval", "1", "--num_workers", "0", "--device", "cpu",
-        "--amp", "off"]
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -292,6 +292,7 @@ def test_amp_auto_is_bf16_on_cpus_with_native_bf16_and_float32_on_others(monkeyp
 
 
 def test_steps_within_budget_counts_the_steps_that_fit_by_hand():
-    # 300 steps and an evaluation took 600 s of the 660 s so far; 1800 s in all leave 1140 s for 2 s a step
-    assert training.steps_within_budget(1800, 660, 300, 600) == 300 + 570
-    assert training.steps_within_budget(600, 660, 300, 600) == 300  # over budget already: stop where it stands
+    # at step 300, 660 s into an 1800 s budget, 2 s a step: the 1140 s left hold 570 more steps
+    assert training.steps_within_budget(1800, 660, 300, 2.0) == 300 + 570
+    assert training.steps_within_budget(1800, 660, 300, 2.1) == 300 + 542  # rounded down: never over the budget
+    assert training.steps_within_budget(600, 660, 300, 2.0) == 300  # over budget already: stop where it stands

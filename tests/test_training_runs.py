@@ -611,9 +611,9 @@ def test_time_budget_fixes_the_step_count_after_the_first_evaluation_and_resumes
     monkeypatch.setattr(training, "steps_within_budget", lambda *args: seen.append(args) or 5)
     common = ["--eval_interval", "2", "--save_model_interval", "2", "--dropout", "0"]
     training.main(tiny_args(city, tmp_path / "budget", *common, "--time_budget", "0.5"))
-    budget_s, elapsed_s, steps, loop_s = seen[0]
-    assert (budget_s, steps) == (30, 2) and 0 < loop_s <= elapsed_s
-    assert "time budget 0.5 min: 2 steps and an evaluation took" in capsys.readouterr().out
+    budget_s, elapsed_s, step, seconds_per_step = seen[0]
+    assert (budget_s, step) == (30, 2) and 0 < 2 * seconds_per_step <= elapsed_s
+    assert "training for 5 steps" in capsys.readouterr().out
     config = json.loads((tmp_path / "budget" / "config.json").read_text())
     assert (config["time_budget"], config["training_iterations"]) == (0.5, 5)
     assert load(tmp_path / "budget" / "checkpoint.pt")["step"] == 5
@@ -631,6 +631,21 @@ def test_time_budget_fixes_the_step_count_after_the_first_evaluation_and_resumes
     monkeypatch.setattr(training, "steps_within_budget", lambda *args: pytest.fail("the count is fixed already"))
     training.main(["--resume", "auto", "--out_dir", str(tmp_path / "stopped")])
     resumed = load(tmp_path / "stopped" / "unet_model.pth")["model"]
+    assert all(torch.equal(resumed[key], budget[key]) for key in budget)
+
+    calls.clear()  # stopped at step 1, before the count is fixed: the resumed process fixes it, with the time before
+    monkeypatch.setattr(training.StopRequest, "agreed", lambda self, device: calls.append(1) or len(calls) == 1)
+    with pytest.raises(SystemExit):
+        training.main(tiny_args(city, tmp_path / "early", *common, "--time_budget", "0.5"))
+    early = load(tmp_path / "early" / "checkpoint.pt")
+    assert (early["step"], early["config"]["training_iterations"]) == (1, None) and early["seconds"] > 0
+    monkeypatch.setattr(training.StopRequest, "agreed", agreed)
+    seen.clear()
+    monkeypatch.setattr(training, "steps_within_budget", lambda *args: seen.append(args) or 5)
+    training.main(["--resume", "auto", "--out_dir", str(tmp_path / "early")])
+    _, elapsed_s, step, _ = seen[0]
+    assert step == 2 and elapsed_s > early["seconds"]  # the stopped process's time counts against the budget
+    resumed = load(tmp_path / "early" / "unet_model.pth")["model"]
     assert all(torch.equal(resumed[key], budget[key]) for key in budget)
 
 
