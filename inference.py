@@ -239,9 +239,10 @@ def summary_line(num_written, num_skipped, not_images, output_dir):
 
 
 def write_prediction(photo, mask, output_dir, name, class_table, mask_values, alpha):
-    """NAME_mask.png (class ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg."""
-    write_image_atomically(output_dir / f"{name}_mask.png", mask_values[mask])
-    write_image_atomically(output_dir / f"{name}_color.png", colorize(mask, class_table.colors))
+    """NAME_mask.png (class ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg. The PNGs use zlib's
+    fastest level: masks and palettes compress well even so, and encoding is part of what the user waits for."""
+    write_image_atomically(output_dir / f"{name}_mask.png", mask_values[mask], compress_level=1)
+    write_image_atomically(output_dir / f"{name}_color.png", colorize(mask, class_table.colors), compress_level=1)
     write_image_atomically(output_dir / f"{name}_overlay.jpg", overlay(photo, mask, class_table.colors, alpha),
                            "JPEG", quality=90)
 
