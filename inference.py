@@ -383,17 +383,18 @@ def export_onnx(segmenter, path, int8_data_root=None):
         import_onnxruntime("--int8")
     if isinstance(segmenter, OnnxPredictor) and not int8_data_root:
         raise UserError(f"--export: {segmenter.path} is already an ONNX model (add --int8 to quantize it)")
-    calibration = int8_data_root and calibration_photos(int8_data_root, segmenter.image_size, segmenter.mean,
-                                                        segmenter.std)
+    if int8_data_root:  # read the photos first: a folder without any is an error before the slow export
+        calibration = calibration_photos(int8_data_root, segmenter.image_size, segmenter.mean, segmenter.std)
     exported = onnx.load(segmenter.path) if isinstance(segmenter, OnnxPredictor) else float_onnx(segmenter, onnx)
-    if calibration:
+    precision = "float32"
+    if int8_data_root:
         exported = quantize_int8(exported, calibration)
+        precision = f"int8 (calibrated on {len(calibration)} train photos)"
     atomic_write(path, lambda file: file.write(exported.SerializeToString()))
     width, height = segmenter.image_size
     classes = segmenter.class_table.num_classes
-    print(f"{path}: {'int8 (calibrated on ' + str(len(calibration)) + ' train photos)' if calibration else 'float32'} "
-          f"ONNX model of {classes} classes, trained at {width}x{height}; input image (batch, 3, height, width) "
-          f"normalised, output logits (batch, {classes}, height, width)")
+    print(f"{path}: {precision} ONNX model of {classes} classes, trained at {width}x{height}; input image "
+          f"(batch, 3, height, width) normalised, output logits (batch, {classes}, height, width)")
     return 0
 
 
