@@ -141,6 +141,13 @@ def operator_profile(path, inputs, runs=5):
     return {operator: time / total for operator, time in sorted(totals.items(), key=lambda item: -item[1])}
 
 
+def agreement(candidates, photos):
+    """{name: share of the photos' pixels whose class is PyTorch float32's} (Segmenter's masks)."""
+    reference = [candidates["PyTorch float32"](path) for path in photos]
+    return {name: sum(int((segmenter(path) == mask).sum()) for path, mask in zip(photos, reference))
+            / sum(mask.size for mask in reference) for name, segmenter in candidates.items()}
+
+
 def accuracy(args, candidates, root):
     """{name: inference.py --evaluate's report} of each candidate on the val split of root."""
     reports = {}
@@ -207,6 +214,9 @@ def run(args):
         shares = operator_profile(candidates[name].path, inputs[:1])
         body += (f"\n\n{name}, batch 1, ONNX Runtime's profile (share of the operator time): "
                  + ", ".join(f"{operator} {share:.0%}" for operator, share in list(shares.items())[:8]))
+    same = agreement(candidates, photos)
+    body += (f"\n\nsame class as PyTorch float32 on the {len(photos)} photos' pixels: "
+             + ", ".join(f"{name} {share:.3%}" for name, share in same.items()))
     if args.evaluate_on:
         body += "\n\n" + accuracy_table(args, candidates)
     harness.report("ONNX Runtime and int8 on the CPU", header, body, False)
