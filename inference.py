@@ -5,6 +5,8 @@ Python.
     python inference.py --input "photos/*.jpg" --output out --label_ids
     python inference.py --evaluate --data_root ../shared/camvid --split val
     python inference.py --export unet_model.onnx           # needs pip install -r requirements-export.txt
+    python inference.py --export unet_int8.onnx --int8 --data_root ../shared/camvid   # int8, calibrated
+    python inference.py --checkpoint unet_int8.onnx        # any run, through ONNX Runtime (requirements-onnxruntime.txt)
 
     from inference import Segmenter
     segmenter = Segmenter("unet_model.pth")
@@ -38,6 +40,7 @@ from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAG
                      Indexed, SegmentationDataset, collate_indexed, default_palette, open_layout, photo_to_rgb,
                      read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
+from onnx_runtime import OnnxPredictor, calibration_photos, import_onnxruntime, quantize_int8
 from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, resolve_device, run_cli, size_arg,
                      write_image_atomically)
 from unet import TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, upsample_argmax
@@ -72,16 +75,26 @@ class Segmenter(Predictor):
     "none", "flip" or "ms" (see scores()).
     """
 
+    def __new__(cls, checkpoint=WEIGHTS_FILE, *args, **kwargs):
+        """An .onnx checkpoint makes an OnnxSegmenter: the same segmenter, its model run by ONNX Runtime."""
+        if cls is Segmenter and is_onnx(checkpoint):
+            cls = OnnxSegmenter
+        return super().__new__(cls)
+
     def __init__(self, checkpoint=WEIGHTS_FILE, device="auto", amp="auto", channels_last="auto", image_size=None,
                  classes=None, tta="none", **bare_sizes):
         loaded = load_weights(checkpoint, bare_sizes, classes, DEFAULT_IMAGE_SIZE, MEAN, STD)
         super().__init__(loaded.model, resolve_device(device), amp, channels_last, tta)
-        self.image_size = tuple(image_size or loaded.image_size)
-        self.mean, self.std, self.dataset = loaded.mean, loaded.std, loaded.dataset
-        self.class_names = loaded.class_names
-        self.class_table = inference_classes(loaded.class_names, loaded.class_colors, loaded.dataset)
+        self.describe(image_size or loaded.image_size, loaded.mean, loaded.std, loaded.dataset, loaded.class_names,
+                      loaded.class_colors)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same input size
+
+    def describe(self, image_size, mean, std, dataset, class_names, class_colors):
+        """What the model's inputs and outputs mean: its input size and normalisation, its classes."""
+        self.image_size, self.mean, self.std, self.dataset = tuple(image_size), tuple(mean), tuple(std), dataset
+        self.class_names = list(class_names)
+        self.class_table = inference_classes(self.class_names, class_colors, dataset)
 
     def model_input(self, photo: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) photo -> normalised float (3, h, w) at the training size."""
@@ -97,6 +110,22 @@ class Segmenter(Predictor):
             return mask
         upsampled = F.interpolate(scores[None], size=photo.shape[:2], mode="bilinear", align_corners=False)[0]
         return mask, (upsampled.softmax(0) if self.tta == "none" else upsampled).cpu().numpy()
+
+
+def is_onnx(checkpoint) -> bool:
+    return str(checkpoint).lower().endswith(".onnx")
+
+
+class OnnxSegmenter(OnnxPredictor, Segmenter):
+    """Segmenter(MODEL.onnx): an ONNX file of this project run by ONNX Runtime on the CPU, with inference.py's
+    pre- and post-processing; its classes, size and normalisation come from the file's metadata."""
+
+    def __init__(self, checkpoint, device="auto", amp="auto", channels_last="auto", image_size=None, classes=None,
+                 tta="none", threads=None, **bare_sizes):
+        OnnxPredictor.__init__(self, checkpoint, device, amp, tta, threads)
+        meta = self.metadata
+        self.describe(image_size or meta["image_size"], meta["mean"], meta["std"], meta.get("dataset"),
+                      meta["class_names"], meta["class_colors"])
 
 
 # ----------------------------------------------------------------------------- images in
@@ -210,9 +239,10 @@ def summary_line(num_written, num_skipped, not_images, output_dir):
 
 
 def write_prediction(photo, mask, output_dir, name, class_table, mask_values, alpha):
-    """NAME_mask.png (class ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg."""
-    write_image_atomically(output_dir / f"{name}_mask.png", mask_values[mask])
-    write_image_atomically(output_dir / f"{name}_color.png", colorize(mask, class_table.colors))
+    """NAME_mask.png (class ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg. The PNGs use zlib's
+    fastest level: masks and palettes compress well even so, and encoding is part of what the user waits for."""
+    write_image_atomically(output_dir / f"{name}_mask.png", mask_values[mask], compress_level=1)
+    write_image_atomically(output_dir / f"{name}_color.png", colorize(mask, class_table.colors), compress_level=1)
     write_image_atomically(output_dir / f"{name}_overlay.jpg", overlay(photo, mask, class_table.colors, alpha),
                            "JPEG", quality=90)
 
@@ -338,16 +368,38 @@ def evaluate_split(args, segmenter):
 EXPORT_REQUIREMENTS = "requirements-export.txt"
 
 
-def export_onnx(segmenter, path):
+def export_onnx(segmenter, path, int8_data_root=None):
     """Write the model as inference runs it (BatchNorm folded, float32) to an ONNX file: input `image`, a
     normalised float32 (N, 3, H, W) batch of any N, H and W; output `logits`, (N, C, H, W); the class names and
-    colours, training size and normalisation in the model's metadata."""
+    colours, training size and normalisation in the model's metadata. With int8_data_root: statically quantized
+    to int8, calibrated on up to 100 of its train photos (onnx_runtime.quantize_int8)."""
     try:
         import onnx
         import onnxscript  # noqa: F401 (torch.onnx's exporter needs it)
     except ImportError:
         raise UserError(f"--export needs the onnx and onnxscript packages: pip install -r {EXPORT_REQUIREMENTS}") \
             from None
+    if int8_data_root:
+        import_onnxruntime("--int8")
+    if isinstance(segmenter, OnnxPredictor) and not int8_data_root:
+        raise UserError(f"--export: {segmenter.path} is already an ONNX model (add --int8 to quantize it)")
+    if int8_data_root:  # read the photos first: a folder without any is an error before the slow export
+        calibration = calibration_photos(int8_data_root, segmenter.image_size, segmenter.mean, segmenter.std)
+    exported = onnx.load(segmenter.path) if isinstance(segmenter, OnnxPredictor) else float_onnx(segmenter, onnx)
+    precision = "float32"
+    if int8_data_root:
+        exported = quantize_int8(exported, calibration)
+        precision = f"int8 (calibrated on {len(calibration)} train photos)"
+    atomic_write(path, lambda file: file.write(exported.SerializeToString()))
+    width, height = segmenter.image_size
+    classes = segmenter.class_table.num_classes
+    print(f"{path}: {precision} ONNX model of {classes} classes, trained at {width}x{height}; input image "
+          f"(batch, 3, height, width) normalised, output logits (batch, {classes}, height, width)")
+    return 0
+
+
+def float_onnx(segmenter, onnx):
+    """The segmenter's PyTorch model exported by torch.onnx, with named dynamic axes and the metadata."""
     model = copy.deepcopy(segmenter.model).float().to("cpu", memory_format=torch.contiguous_format)
     width, height = segmenter.image_size
     example = torch.zeros(2, 3, height, width)
@@ -366,10 +418,7 @@ def export_onnx(segmenter, path):
         "std": json.dumps(list(segmenter.std)), "dataset": json.dumps(segmenter.dataset),
         "preprocessing": "RGB resized to image_size (width, height), scaled to [0, 1], minus mean, divided by std, "
                          "NCHW float32; masks: argmax over the logits upsampled to the photo's size"})
-    atomic_write(path, lambda file: file.write(exported.SerializeToString()))
-    print(f"{path}: ONNX model of {table.num_classes} classes, trained at {width}x{height}; input image "
-          f"(batch, 3, height, width) normalised, output logits (batch, {table.num_classes}, height, width)")
-    return 0
+    return exported
 
 
 # ----------------------------------------------------------------------------- command line
@@ -378,8 +427,8 @@ def build_parser():
     """Every flag's help ends with its default, or with what happens when the flag is not given."""
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", default=WEIGHTS_FILE,
-                        help="weights file of training.py (or its checkpoint.pt, or a bare state_dict) "
-                             "(default: %(default)s)")
+                        help="weights file of training.py (or its checkpoint.pt, or a bare state_dict), or an ONNX "
+                             "model that --export wrote, run by ONNX Runtime (default: %(default)s)")
     parser.add_argument("--input", default=DEFAULT_INPUT,
                         help="a folder, one image file, or a glob in quotes (default: %(default)s)")
     parser.add_argument("--output", help=f"output folder, created if missing (default: {DEFAULT_OUTPUT}; "
@@ -412,11 +461,15 @@ def build_parser():
     parser.add_argument("--export", metavar="MODEL.onnx",
                         help=f"write the checkpoint as an ONNX model instead of segmenting; needs pip install -r "
                              f"{EXPORT_REQUIREMENTS} (default: no export)")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --export: quantize the model to int8 (ONNX Runtime's static quantization, "
+                             "calibrated on up to 100 train photos of --data_root; needs pip install -r "
+                             "requirements-onnxruntime.txt) (default: float32)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--evaluate", action="store_true",
                             help="score the checkpoint on --data_root/--split (default: segment --input)")
     evaluation.add_argument("--data_root", help="labelled dataset: Cityscapes, CamVid or the folder layout "
-                                                "(required with --evaluate)")
+                                                "(required with --evaluate and with --export --int8)")
     evaluation.add_argument("--dataset", choices=("auto", "cityscapes", "camvid", "folder"), default="auto",
                             help="layout of --data_root; auto recognises it from its folders (default: %(default)s)")
     evaluation.add_argument("--split", default="val", choices=("train", "val", "test"),
@@ -446,6 +499,8 @@ def parse_args(argv=None):
         parser.error("--evaluate needs --data_root")
     if args.evaluate and args.export:
         parser.error("--export and --evaluate are separate runs")
+    if args.int8 and not (args.export and args.data_root):
+        parser.error("--int8 goes with --export MODEL.onnx and --data_root (its train photos calibrate the model)")
     args.output = args.output or (DEFAULT_EVAL_OUTPUT if args.evaluate else DEFAULT_OUTPUT)
     return args
 
@@ -463,7 +518,7 @@ def main(argv=None):
     def run():
         segmenter = load_segmenter(args)
         if args.export:
-            return export_onnx(segmenter, args.export)
+            return export_onnx(segmenter, args.export, args.data_root if args.int8 else None)
         return evaluate_split(args, segmenter) if args.evaluate else predict(args, segmenter)
 
     return run_cli(run)

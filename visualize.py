@@ -25,12 +25,17 @@ def colorize(mask, colors) -> np.ndarray:
 
 
 def overlay(image_uint8, mask, colors, alpha=0.5) -> np.ndarray:
-    """Blend the class colours over the image; ignored pixels keep the image."""
-    image = _as_numpy(image_uint8).astype(np.float32)
+    """Blend the class colours over the image; ignored pixels keep the image. Integer arithmetic in 1/256ths,
+    rounded half to even: float blending's pixels exactly for alphas in 1/256ths (0.5, 0.25), else within 1, and
+    several times faster."""
+    image = _as_numpy(image_uint8).astype(np.uint16)
     mask = _as_numpy(mask)
-    blended = (1 - alpha) * image + alpha * colorize(mask, colors)
+    weight = int(round(alpha * 256))
+    sum256 = image * (256 - weight) + colorize(mask, colors).astype(np.uint16) * weight
+    blended, remainder = sum256 >> 8, sum256 & 255
+    blended += (remainder > 128) | ((remainder == 128) & (blended & 1).astype(bool))
     labelled = (mask != IGNORE_INDEX)[..., None]
-    return np.where(labelled, blended, image).round().astype(np.uint8)
+    return np.where(labelled, blended, image).astype(np.uint8)
 
 
 def legend_image(class_table, row_height=20, width=200) -> np.ndarray:

@@ -155,42 +155,46 @@ def make_folder_dataset(tmp_path):
     appears in val, the void colour is `void 0 0 0`."""
 
     def make(name="own", size=(32, 16), counts=None, mask_modes=("L", "P", "RGB"), seed=0):
-        counts = {"train": 4, "val": 3} if counts is None else counts
-        root = tmp_path / name
-        root.mkdir()
-        lines = ["# my classes: NAME [R G B]", ""] + [f"{n} {' '.join(map(str, c))}" for n, c in FOLDER_CLASSES]
-        (root / "classes.txt").write_text("\n".join(lines + ["void 0 0 0  # unlabelled", ""]))
-        colors = np.array([c for _, c in FOLDER_CLASSES], dtype=np.uint8)
-        rng = np.random.default_rng(seed)
-        width, height = size
-        number = 0
-        for split, count in counts.items():
-            (root / "images" / split).mkdir(parents=True)
-            (root / "masks" / split).mkdir(parents=True)
-            for index in range(count):
-                classes = len(FOLDER_CLASSES) - (1 if split == "val" else 0)
-                labels = blocky_labels(rng, height, width, classes)
-                photo = np.where(labels[..., None] == 255, 128, colors[labels.clip(max=len(colors) - 1)])
-                suffix = ".png" if index % 2 == 0 else ".jpg"
-                Image.fromarray(photo.astype(np.uint8)).save(root / "images" / split / f"frame {index}{suffix}",
-                                                             **({"quality": 95} if suffix == ".jpg" else {}))
-                mode = mask_modes[number % len(mask_modes)]
-                number += 1
-                mask_path = root / "masks" / split / f"frame {index}.png"
-                if mode == "L":
-                    Image.fromarray(labels).save(mask_path)
-                elif mode == "P":
-                    palette = Image.fromarray(labels).convert("P")
-                    palette.putpalette([v for c in colors.tolist() for v in c] + [0, 0, 0] * (256 - len(colors)))
-                    palette.save(mask_path)
-                else:
-                    rgb = np.zeros((height, width, 3), np.uint8)  # void: the void colour 0 0 0
-                    known = labels != 255
-                    rgb[known] = colors[labels[known]]
-                    Image.fromarray(rgb).save(mask_path)
-        return root
+        return write_folder_dataset(tmp_path / name, size, counts, mask_modes, seed)
 
     return make
+
+
+def write_folder_dataset(root, size=(32, 16), counts=None, mask_modes=("L", "P", "RGB"), seed=0):
+    """make_folder_dataset's tree at root, for fixtures of a wider scope."""
+    counts = {"train": 4, "val": 3} if counts is None else counts
+    root.mkdir()
+    lines = ["# my classes: NAME [R G B]", ""] + [f"{n} {' '.join(map(str, c))}" for n, c in FOLDER_CLASSES]
+    (root / "classes.txt").write_text("\n".join(lines + ["void 0 0 0  # unlabelled", ""]))
+    colors = np.array([c for _, c in FOLDER_CLASSES], dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    number = 0
+    for split, count in counts.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for index in range(count):
+            classes = len(FOLDER_CLASSES) - (1 if split == "val" else 0)
+            labels = blocky_labels(rng, height, width, classes)
+            photo = np.where(labels[..., None] == 255, 128, colors[labels.clip(max=len(colors) - 1)])
+            suffix = ".png" if index % 2 == 0 else ".jpg"
+            Image.fromarray(photo.astype(np.uint8)).save(root / "images" / split / f"frame {index}{suffix}",
+                                                         **({"quality": 95} if suffix == ".jpg" else {}))
+            mode = mask_modes[number % len(mask_modes)]
+            number += 1
+            mask_path = root / "masks" / split / f"frame {index}.png"
+            if mode == "L":
+                Image.fromarray(labels).save(mask_path)
+            elif mode == "P":
+                palette = Image.fromarray(labels).convert("P")
+                palette.putpalette([v for c in colors.tolist() for v in c] + [0, 0, 0] * (256 - len(colors)))
+                palette.save(mask_path)
+            else:
+                rgb = np.zeros((height, width, 3), np.uint8)  # void: the void colour 0 0 0
+                known = labels != 255
+                rgb[known] = colors[labels[known]]
+                Image.fromarray(rgb).save(mask_path)
+    return root
 
 
 CAMVID_COLORS = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),

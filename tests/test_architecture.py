@@ -11,7 +11,7 @@ LAYERS = [
     {"runtime"},
     {"unet"},
     {"dataset", "losses", "lr_schedule", "metrics", "synthetic_city"},
-    {"batches", "checkpoint", "visualize"},
+    {"batches", "checkpoint", "visualize", "onnx_runtime"},
     {"config"},
     {"training", "inference"},
 ]

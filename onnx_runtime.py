@@ -1,0 +1,132 @@
+"""ONNX models of this project through ONNX Runtime: a Predictor that runs one, and the int8 (static, QDQ) quantizer.
+
+    python inference.py --checkpoint unet_model.onnx ...               # any inference.py run, through ONNX Runtime
+    python inference.py --export unet_int8.onnx --int8 --data_root PATH  # calibrated on up to 100 train photos
+
+ONNX Runtime is optional (pip install -r requirements-onnxruntime.txt): this module imports it only when a model
+is opened or quantized, and training never imports this module.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataset import DatasetError, open_layout, read_image, to_model_input
+from runtime import UserError
+from unet import TTA_SCALES, Predictor
+
+ONNXRUNTIME_REQUIREMENTS = "requirements-onnxruntime.txt"
+METADATA_KEYS = ("class_names", "class_colors", "image_size", "mean", "std")
+CALIBRATION_PHOTOS = 100
+
+
+def import_onnxruntime(purpose):
+    """The onnxruntime package, or one line saying which requirements file installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"{purpose} needs ONNX Runtime: pip install -r {ONNXRUNTIME_REQUIREMENTS}") from None
+    return onnxruntime
+
+
+def open_session(path, threads=None):
+    """An InferenceSession of `path` (CPU), with a one-line error for a missing, corrupt or foreign file. Its threads
+    sleep between runs instead of spinning: inference.py decodes and writes photos on the same cores meanwhile."""
+    onnxruntime = import_onnxruntime(f"--checkpoint {path}")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime reports a bad file as InvalidProtobuf, Fail, InvalidGraph, ...
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"{path}: not a readable ONNX model ({reason})") from None
+    names = ([value.name for value in session.get_inputs()], [value.name for value in session.get_outputs()])
+    if names != (["image"], ["logits"]):
+        raise UserError(f"{path}: not an ONNX model of this project (inputs {names[0]}, outputs {names[1]}; expected "
+                        f"image -> logits, as python inference.py --export writes it)")
+    return session
+
+
+def read_metadata(session, path):
+    """{class_names, class_colors, image_size, mean, std, dataset} as inference.export_onnx records them."""
+    stored = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in METADATA_KEYS if key not in stored]
+    if missing:
+        raise UserError(f"{path}: an ONNX model without this project's metadata ({', '.join(missing)} missing): "
+                        f"export it with python inference.py --export")
+    try:
+        return {key: json.loads(stored[key]) for key in (*METADATA_KEYS, "dataset") if key in stored}
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: unreadable metadata ({error})") from None
+
+
+class OnnxPredictor(Predictor):
+    """A Predictor (same logits, scores and test-time augmentation) whose model is an ONNX file run by ONNX
+    Runtime on the CPU. --amp and --channels_last are PyTorch's: ONNX Runtime chooses its own kernels."""
+
+    def __init__(self, path, device="auto", amp="auto", tta="none", threads=None):
+        if tta not in TTA_SCALES:
+            raise UserError(f"--tta {tta}: expected one of {', '.join(TTA_SCALES)}")
+        if str(device) not in ("auto", "cpu"):
+            raise UserError(f"--device {device}: ONNX models run on the CPU (ONNX Runtime's CPU package)")
+        if amp not in ("auto", "off"):
+            raise UserError(f"--amp {amp}: an ONNX model runs in the precision it was exported in")
+        self.path, self.session = Path(path), open_session(path, threads)
+        self.metadata = read_metadata(self.session, path)
+        self.device, self.tta, self.amp_dtype, self.channels_last = torch.device("cpu"), tta, None, False
+        self.model = None  # no PyTorch model: logits() runs the session
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) model inputs -> (N, C, h, w) float32 logits."""
+        array = np.ascontiguousarray(inputs.detach().cpu().float().numpy())
+        return torch.from_numpy(self.session.run(["logits"], {"image": array})[0])
+
+
+# ----------------------------------------------------------------------------- int8
+
+def calibration_photos(data_root, image_size, mean, std, count=CALIBRATION_PHOTOS):
+    """Up to `count` train photos of data_root, evenly spaced over the split (not one drive's first frames), as
+    (1, 3, h, w) float32 model inputs; any layout dataset.py reads."""
+    try:
+        paths = [image for image, _ in open_layout(data_root).samples("train")]
+    except DatasetError as error:
+        raise UserError(f"--data_root {data_root}: no train photos to calibrate the int8 model with ({error})") \
+            from None
+    if not paths:
+        raise UserError(f"--data_root {data_root}: no train photos to calibrate the int8 model with")
+    chosen = paths[:: max(1, len(paths) // count)][:count]
+    return [to_model_input(read_image(path), image_size, mean, std)[None].numpy() for path in chosen]
+
+
+def quantize_int8(float_model, calibration_inputs, nodes_to_exclude=()):
+    """`float_model` (an onnx.ModelProto) statically quantized to int8 by ONNX Runtime's tools: QDQ format,
+    per-channel int8 weights, uint8 activations whose ranges (min/max) come from calibration_inputs; the metadata
+    is kept, and nodes_to_exclude stay float32."""
+    import onnx
+    import_onnxruntime("--int8")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Photos(CalibrationDataReader):
+        def __init__(self):
+            self.inputs = iter(calibration_inputs)
+
+        def get_next(self):
+            return next(({"image": image} for image in self.inputs), None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(float_model, f"{folder}/float.onnx")
+        quant_pre_process(f"{folder}/float.onnx", f"{folder}/prepared.onnx", skip_symbolic_shape=True)
+        quantize_static(f"{folder}/prepared.onnx", f"{folder}/int8.onnx", Photos(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(nodes_to_exclude))
+        quantized = onnx.load(f"{folder}/int8.onnx")
+    onnx.helper.set_model_props(quantized, {prop.key: prop.value for prop in float_model.metadata_props})
+    return quantized
