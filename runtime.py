@@ -195,7 +195,7 @@ def autocast_dtype(amp: str, device: torch.device, training=True):
     """--amp -> the autocast dtype, or None for float32. auto: on GPUs bf16, or fp16 (with a GradScaler) where bf16
     is not native; on CPUs bf16 for training where the CPU computes it natively, and float32 for inference and
     evaluation on every CPU, so that the same weights give the same masks on any CPU, the same as the float32 ONNX
-    export, and training's evaluation the same scores as --evaluate (docs/precision.md has the measurements)."""
+    export, and training's evaluation the same scores as --evaluate (docs/precision.md)."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
