@@ -59,20 +59,29 @@ def overlay_path(output_dir, name, partial=False):
 
 # ----------------------------------------------------------------------------- reading
 
+def first_error(av, logs):
+    """`module: message` of the first ERROR line FFmpeg logged, or None."""
+    line = next((line for line in logs if line[0] <= av.logging.ERROR), None)
+    return None if line is None else f"{line[1]}: {line[2].strip()}"
+
+
 def open_video(av, path):
-    """(container, its first video stream), or VideoError saying why the file cannot be read."""
+    """(container, its first video stream, the damage FFmpeg reported while reading the header or None), or
+    VideoError saying why the file cannot be read. Opening reads ahead, so a short truncated file may show its
+    damage here already."""
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise VideoError("empty file")
     try:
-        container = av.open(str(path))
+        with av.logging.Capture(local=False) as logs:
+            container = av.open(str(path))
     except Exception as error:  # FFmpeg's errors (InvalidDataError, PermissionError, ...) all mean: unreadable
         reason = getattr(error, "strerror", None) or one_line(error)
         raise VideoError(f"cannot read it as a video ({reason})") from None
     if not container.streams.video:
         container.close()
         raise VideoError("no video stream")
-    return container, container.streams.video[0]
+    return container, container.streams.video[0], first_error(av, logs)
 
 
 class FrameReader:
@@ -80,9 +89,10 @@ class FrameReader:
     Decoding stops at the first damage FFmpeg reports (a truncated or corrupt file); `damage` then says at which
     frame and why, and the frames before it are all delivered."""
 
-    def __init__(self, av, container, stream, model_input, depth):
+    def __init__(self, av, container, stream, model_input, depth, damage_at_open=None):
         self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
+        self.damage_at_open = damage_at_open
         self.thread = threading.Thread(target=self._decode, daemon=True)
         self.thread.start()
 
@@ -101,15 +111,16 @@ class FrameReader:
             with self.av.logging.Capture(local=False) as logs:
                 for packet in self.container.demux(self.stream):
                     decoded = packet.decode()  # the frames a damaged packet releases may be damaged: drop them
-                    error = next((line for line in logs if line[0] <= self.av.logging.ERROR), None)
-                    if error:
-                        self.damage = (index, f"{error[1]}: {error[2].strip()}")
+                    if error := first_error(self.av, logs):
+                        self.damage = (index, error)
                         return
                     for frame in decoded:
                         rgb = frame.to_ndarray(format="rgb24")
                         if not self._put((index, rgb, self.model_input(rgb))):
                             return
                         index += 1
+            if self.damage_at_open:  # the demuxer gave what it had; the file's end is missing
+                self.damage = (index, self.damage_at_open)
         except Exception as error:  # a demuxer or decoder failure part way
             self.damage = (index, one_line(error))
         finally:
@@ -237,7 +248,7 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
     """Segment one video into OUTPUT/NAME_overlay.mp4 (and with --frames OUTPUT/NAME/*.png). Returns the number of
     frames written; raises VideoError for a file that decodes nothing and for damage part way (the frames before
     it are then kept in the overlay), and Stopped on Ctrl-C (the overlay so far is kept as NAME_overlay.partial.mp4)."""
-    container, stream = open_video(av, path)
+    container, stream, damage_at_open = open_video(av, path)
     with container:
         stream.thread_type = "AUTO"
         context = stream.codec_context
@@ -246,7 +257,7 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
         if folder is not None:
             folder.mkdir(exist_ok=True)
             remove_stale_temp_files(folder)
-        reader = FrameReader(av, container, stream, segmenter.model_input, 2 * args.batch_size)
+        reader = FrameReader(av, container, stream, segmenter.model_input, 2 * args.batch_size, damage_at_open)
         writer = OverlayWriter(av, overlay_path(output_dir, name), context.width, context.height, rate)
         progress = tqdm(total=stream.frames or None, unit="frame", desc=Path(path).name, dynamic_ncols=True,
                         disable=None)
