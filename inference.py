@@ -1,8 +1,9 @@
-"""Segment any folder of images with a trained U-Net, score a checkpoint on a labelled split, or use it from
+"""Segment any folder of images or videos with a trained U-Net, score a checkpoint on a labelled split, or use it from
 Python.
 
     python inference.py                     # InferenceOutput/TestImages -> InferenceOutput/TestPredictions
     python inference.py --input "photos/*.jpg" --output out --label_ids
+    python inference.py --input drive.mp4 --frames         # needs pip install -r requirements-video.txt
     python inference.py --evaluate --data_root ../shared/camvid --split val
     python inference.py --export unet_model.onnx           # needs pip install -r requirements-export.txt
 
@@ -13,7 +14,8 @@ Python.
 Every photo is resized to the --image_size the model was trained at (as the seed did) and the logits are
 upsampled back, so the mask matches the photo pixel for pixel. For each input NAME.ext the CLI writes
 NAME_mask.png (class indices, or Cityscapes label ids with --label_ids), NAME_color.png and
-NAME_overlay.jpg; inputs are never modified.
+NAME_overlay.jpg (and with --save_confidence NAME_confidence.png); a video NAME.mp4 gives NAME_overlay.mp4
+(video.py). Inputs are never modified; outputs are written atomically, so --skip_existing resumes a killed run.
 --evaluate scores exactly these masks, at the labels' own resolution.
 """
 import argparse
@@ -452,7 +454,7 @@ def build_parser():
                         help="weights file of training.py (or its checkpoint.pt, or a bare state_dict) "
                              "(default: %(default)s)")
     parser.add_argument("--input", default=DEFAULT_INPUT,
-                        help="a folder, one image file, or a glob in quotes (default: %(default)s)")
+                        help="a folder, one image or video file, or a glob in quotes (default: %(default)s)")
     parser.add_argument("--output", help=f"output folder, created if missing (default: {DEFAULT_OUTPUT}; "
                                           f"{DEFAULT_EVAL_OUTPUT} with --evaluate)")
     parser.add_argument("--image_size", type=size_arg,
