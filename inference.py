@@ -1,5 +1,5 @@
-"""Segment any folder of images or videos with a trained U-Net, score a checkpoint on a labelled split, or use it from
-Python.
+"""Segment any folder of images or videos with a trained U-Net, score a checkpoint on a labelled split, or use
+it from Python.
 
     python inference.py                     # InferenceOutput/TestImages -> InferenceOutput/TestPredictions
     python inference.py --input "photos/*.jpg" --output out --label_ids

@@ -42,7 +42,8 @@ def make_clip(path, photos):
         stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv444p"
         for photo in photos:
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(read_photo(photo)), format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(read_photo(photo)), format="rgb24")
+            output.mux(stream.encode(frame))
         output.mux(stream.encode())
     return path
 

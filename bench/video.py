@@ -83,17 +83,36 @@ def decoded_inputs(path, segmenter):
         return [segmenter.model_input(frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
 
 
+def with_cpu_time(run, cpu_seconds):
+    """run, also appending the CPU seconds this process spent in it (all threads) to cpu_seconds."""
+    def timed():
+        start = time.process_time()
+        run()
+        cpu_seconds.append(time.process_time() - start)
+    return timed
+
+
 def speed(args, checkpoint, clip, count):
-    """(end-to-end fps, model-alone fps), timed round-robin."""
+    """{candidate: (fps, CPU ms per frame)} for inference.py on the clip and the model alone, timed round-robin.
+    CPU time counts every thread of this process, so it shows what decoding and encoding add even when other
+    processes on a shared machine make the wall-clock fps noisy."""
     segmenter = inference.Segmenter(checkpoint, device="cpu")
     inputs = decoded_inputs(clip, segmenter)
     batches = [torch.stack(inputs[start:start + args.batch_size]) for start in range(0, len(inputs), args.batch_size)]
     cli = inference.parse_args(["--checkpoint", str(checkpoint), "--device", "cpu", "--input", str(clip),
                                 "--output", str(BENCH_OUT / "overlay"), "--batch_size", str(args.batch_size)])
-    candidates = {"video": lambda: inference.predict(cli, segmenter),
-                  "model": lambda: [segmenter.scores(batch) for batch in batches]}
+    def model_alone():
+        for batch in batches:
+            segmenter.scores(batch)  # dropped at once, as the video path does: keeping all would page in fresh memory
+
+    cpu = {"video": [], "model": []}
+    candidates = {"video": with_cpu_time(lambda: inference.predict(cli, segmenter), cpu["video"]),
+                  "model": with_cpu_time(model_alone, cpu["model"])}
     times = harness.interleaved_times(candidates, args.repeats, torch.device("cpu"))
-    return count / harness.median(times["video"]), count / harness.median(times["model"])
+    for name, values in times.items():
+        print(f"{name}: fps per round {', '.join(f'{count / value:.1f}' for value in values)}")
+    return {name: (count / harness.median(times[name]), 1000 * harness.median(cpu[name][-args.repeats:]) / count)
+            for name in times}
 
 
 def peak_rss_mib(checkpoint, clip, batch_size):
@@ -120,16 +139,19 @@ def run(args):
     clip = make_clip(BENCH_OUT / "clip.mp4", photos, count, args.rate, args.size)
     print(harness.machine_header(torch.device("cpu")))
     width, height = args.size
-    end_to_end, alone = speed(args, checkpoint, clip, count)
-    rows = [[f"{count} frames {width}x{height}, batch {args.batch_size}", f"{end_to_end:.1f}", f"{alone:.1f}",
-             f"{end_to_end / alone:.2f}"]]
-    print(harness.format_table(["clip", "inference.py on the video (fps)", "model alone (fps)", "ratio"], rows))
+    results = speed(args, checkpoint, clip, count)
+    (video_fps, video_cpu), (model_fps, model_cpu) = results["video"], results["model"]
+    rows = [[f"{count} frames {width}x{height}, batch {args.batch_size}", f"{video_fps:.1f}", f"{model_fps:.1f}",
+             f"{video_fps / model_fps:.2f}", f"{video_cpu:.0f}", f"{model_cpu:.0f}", f"{model_cpu / video_cpu:.2f}"]]
+    print(harness.format_table(["clip", "inference.py on the video (fps)", "model alone (fps)", "ratio",
+                                "video CPU ms/frame", "model CPU ms/frame", "CPU ratio"], rows))
     rss_rows = []
     for minutes in args.rss_minutes:
         long_clip = make_clip(BENCH_OUT / f"clip_{minutes:g}min.mp4", photos, round(minutes * 60 * args.rate),
                               args.rate, args.size)
         peak, seconds = peak_rss_mib(args.rss_checkpoint or checkpoint, long_clip, args.batch_size)
-        rss_rows.append([f"{minutes:g} min ({round(minutes * 60 * args.rate)} frames)", f"{peak:.0f}", f"{seconds:.0f}"])
+        frames = round(minutes * 60 * args.rate)
+        rss_rows.append([f"{minutes:g} min ({frames} frames)", f"{peak:.0f}", f"{seconds:.0f}"])
         long_clip.unlink()
     if rss_rows:
         print(harness.format_table(["clip", "peak RSS (MiB)", "wall (s)"], rss_rows))
