@@ -63,7 +63,7 @@ def measure(args, clip, labels, num_classes, smooth):
     confusion = ConfusionMatrix(num_classes)
     for mask, label in zip(masks, labels):
         confusion.update(torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
-    return changed, confusion.compute()["miou"].item()
+    return changed, float(confusion.compute()["miou"])
 
 
 def run(args):
