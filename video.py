@@ -91,6 +91,7 @@ class FrameReader:
 
     def __init__(self, av, container, stream, model_input, depth, damage_at_open=None):
         self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
+        self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
         self.damage_at_open = damage_at_open
         self.thread = threading.Thread(target=self._decode, daemon=True)
@@ -115,7 +116,7 @@ class FrameReader:
                         self.damage = (index, error)
                         return
                     for frame in decoded:
-                        rgb = frame.to_ndarray(format="rgb24")
+                        rgb = frame.reformat(*self.size, format="rgb24").to_ndarray()
                         if not self._put((index, rgb, self.model_input(rgb))):
                             return
                         index += 1
@@ -265,6 +266,9 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
             segment_frames(reader, writer, segmenter, args, mask_values, folder, progress)
         except KeyboardInterrupt:
             reader.stop()
+            if writer.count == 0:
+                writer.discard()
+                raise Stopped(f"interrupted: {path}: no frame was segmented yet", 130) from None
             partial = overlay_path(output_dir, name, partial=True)
             writer.close(partial)
             raise Stopped(f"interrupted: {path}: the {writer.count} frames segmented so far are in {partial} "
