@@ -210,6 +210,22 @@ def test_an_unreadable_video_is_one_line(tmp_path, checkpoint, capsys):
     assert capsys.readouterr().err.strip() == f"warning: skipped {path}: cannot read it as a video (Permission denied)"
 
 
+def test_a_video_ffmpeg_may_not_open_is_one_line(tmp_path, checkpoint, monkeypatch, capsys):
+    """As root (where permissions do not stop reading) FFmpeg's refusal is simulated: av.open raises what it
+    raises for a file without read permission."""
+    path = write_video(tmp_path / "locked.mp4", moving_frames(3))
+    real_open = av.open
+
+    def refuse(file, mode="r", **options):
+        if mode == "r" and str(file) == str(path):
+            raise av.error.PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, **options)
+
+    monkeypatch.setattr(av, "open", refuse)
+    assert run("--checkpoint", checkpoint, "--input", path, "--output", tmp_path / "out") == 1
+    assert capsys.readouterr().err.strip() == f"warning: skipped {path}: cannot read it as a video (Permission denied)"
+
+
 def test_smoothing_averages_the_class_probabilities_of_the_last_frames(tmp_path, checkpoint):
     source = write_video(tmp_path / "drive.mkv", moving_frames(9))
     assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out", "--frames",
