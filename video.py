@@ -59,16 +59,16 @@ def overlay_path(output_dir, name, partial=False):
 
 # ----------------------------------------------------------------------------- reading
 
-def first_error(av, logs):
-    """`module: message` of the first ERROR line FFmpeg logged, or None."""
-    line = next((line for line in logs if line[0] <= av.logging.ERROR), None)
+def first_error(av, logs, ignore=None):
+    """`module: message` of the first ERROR line FFmpeg logged (not counting module `ignore`), or None."""
+    line = next((line for line in logs if line[0] <= av.logging.ERROR and line[1] != ignore), None)
     return None if line is None else f"{line[1]}: {line[2].strip()}"
 
 
 def open_video(av, path):
-    """(container, its first video stream, the damage FFmpeg reported while reading the header or None), or
-    VideoError saying why the file cannot be read. Opening reads ahead, so a short truncated file may show its
-    damage here already."""
+    """(container, its first video stream, the damage the demuxer reported while reading ahead or None), or
+    VideoError saying why the file cannot be read. Opening reads ahead (and decodes a few frames, whose errors the
+    reader sees again), so a short truncated file may show its damage here already."""
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise VideoError("empty file")
@@ -81,19 +81,21 @@ def open_video(av, path):
     if not container.streams.video:
         container.close()
         raise VideoError("no video stream")
-    return container, container.streams.video[0], first_error(av, logs)
+    stream = container.streams.video[0]
+    return container, stream, first_error(av, logs, ignore=stream.codec_context.name)
 
 
 class FrameReader:
     """Decodes a stream's frames in a thread into a small queue, each as (index, uint8 RGB (H, W, 3), model input).
     Decoding stops at the first damage FFmpeg reports (a truncated or corrupt file); `damage` then says at which
-    frame and why, and the frames before it are all delivered."""
+    frame and why, and the frames before it are all delivered. Errors before the first whole frame (a stream cut
+    at its start decodes from its first keyframe) drop the frames they come with; `start_error` says why."""
 
     def __init__(self, av, container, stream, model_input, depth, damage_at_open=None):
         self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
         self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
-        self.damage_at_open = damage_at_open
+        self.damage_at_open, self.start_error = damage_at_open, None
         self.thread = threading.Thread(target=self._decode, daemon=True)
         self.thread.start()
 
@@ -111,10 +113,14 @@ class FrameReader:
         try:
             with self.av.logging.Capture(local=False) as logs:
                 for packet in self.container.demux(self.stream):
-                    decoded = packet.decode()  # the frames a damaged packet releases may be damaged: drop them
-                    if error := first_error(self.av, logs):
-                        self.damage = (index, error)
-                        return
+                    decoded, error = self._decode_packet(packet, logs)
+                    if error:  # the frames a damaged packet releases may be damaged
+                        if index > 0:
+                            self.damage = (index, error)
+                            return
+                        self.start_error = self.start_error or error
+                        logs.clear()
+                        continue
                     for frame in decoded:
                         rgb = frame.reformat(*self.size, format="rgb24").to_ndarray()
                         if not self._put((index, rgb, self.model_input(rgb))):
@@ -126,6 +132,14 @@ class FrameReader:
             self.damage = (index, one_line(error))
         finally:
             self._put(None)
+
+    def _decode_packet(self, packet, logs):
+        """(frames, None), or (frames, why) when FFmpeg reported damage (an ERROR log line or a failed call)."""
+        try:
+            decoded = packet.decode()
+        except self.av.error.InvalidDataError as error:
+            return [], one_line(error)
+        return decoded, first_error(self.av, logs)
 
     def batches(self, size):
         """Lists of up to `size` decoded frames, in order, until the stream ends or decoding stops."""
@@ -251,7 +265,7 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
     it are then kept in the overlay), and Stopped on Ctrl-C (the overlay so far is kept as NAME_overlay.partial.mp4)."""
     container, stream, damage_at_open = open_video(av, path)
     with container:
-        stream.thread_type = "AUTO"
+        stream.thread_type = "SLICE"  # frame threads would log damage frames after it happened
         context = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or FALLBACK_RATE
         folder = frames_folder(output_dir, name) if args.frames else None
@@ -282,9 +296,13 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
         reader.stop()
         if writer.count == 0:
             writer.discard()
-            raise VideoError(f"no frame could be decoded ({reader.damage[1] if reader.damage else 'empty stream'})")
+            reason = (reader.damage or (0, reader.start_error or "the video stream holds no frame"))[1]
+            raise VideoError(f"no frame could be decoded ({reason})")
         writer.close(overlay_path(output_dir, name))
     overlay_path(output_dir, name, partial=True).unlink(missing_ok=True)
+    if reader.start_error:
+        raise VideoError(f"its start could not be decoded ({reader.start_error}); {writer.count} frames from the first "
+                         f"whole one on are in {overlay_path(output_dir, name)}", kept_some=True)
     if reader.damage:
         index, reason = reader.damage
         raise VideoError(f"decoding stopped at frame {index} ({reason}); the {index} frames before it are in "

@@ -38,9 +38,9 @@ def noisy_frames(count, height=48, width=64, seed=0):
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def write_video(path, frames, rate=25, container_format=None, pix_fmt="yuv420p"):
+def write_video(path, frames, rate=25, container_format=None, pix_fmt="yuv420p", options=None):
     with av.open(str(path), "w", format=container_format) as output:
-        stream = output.add_stream("libx264", rate=rate)
+        stream = output.add_stream("libx264", rate=rate, options=options or {})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = pix_fmt
         for frame in frames:
@@ -208,6 +208,21 @@ def test_an_unreadable_video_is_one_line(tmp_path, checkpoint, capsys):
     path.chmod(0)
     assert run("--checkpoint", checkpoint, "--input", path, "--output", tmp_path / "out") == 1
     assert capsys.readouterr().err.strip() == f"warning: skipped {path}: cannot read it as a video (Permission denied)"
+
+
+def test_a_stream_cut_at_its_start_is_segmented_from_its_first_whole_frame(tmp_path, checkpoint, capsys):
+    """A transport stream cut at a packet boundary part way (as a recorder's segment): FFmpeg reports the missing
+    headers while it probes; every frame it then decodes is segmented, and nothing is reported."""
+    whole = write_video(tmp_path / "whole.ts", noisy_frames(60), container_format="mpegts", options={"g": "20"})
+    data = whole.read_bytes()
+    late = tmp_path / "late" / "late_start.ts"
+    late.parent.mkdir()
+    late.write_bytes(data[len(data) // 4 // 188 * 188:])
+    assert run("--checkpoint", checkpoint, "--input", late, "--output", tmp_path / "out") == 0
+    assert "warning" not in capsys.readouterr().err
+    with av.open(str(late)) as container:
+        decodable = sum(1 for _ in container.decode(video=0))
+    assert 20 < decodable < 60 and len(decoded_frames(tmp_path / "out" / "late_start_overlay.mp4")) == decodable
 
 
 def test_a_video_ffmpeg_may_not_open_is_one_line(tmp_path, checkpoint, monkeypatch, capsys):
