@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import inference
 import unet
-import video
 from conftest import noise
 from dataset import read_photo
 from test_inference import run, save_checkpoint, tiny_unet
