@@ -272,7 +272,8 @@ def predict(args, segmenter):
     def skip(path, reason, kept_some=False):
         """One warning line per bad input; kept_some: a damaged video whose first frames were written."""
         (incomplete if kept_some else skipped).append(path)
-        tqdm.write(f"warning: {path}: {reason}" if kept_some else f"warning: skipped {path}: {reason}", file=sys.stderr)
+        line = f"warning: {path}: {reason}" if kept_some else f"warning: skipped {path}: {reason}"
+        tqdm.write(line, file=sys.stderr)
 
     done = 0
     if args.skip_existing:
@@ -281,8 +282,7 @@ def predict(args, segmenter):
         photos, done = todo, len(photos) - len(todo)
     if photos:
         segment_photos(photos, names, args, segmenter, values, output_dir, skip)
-    written_videos, done_videos = segment_videos(videos, names, args, segmenter, values, output_dir, skip)
-    done += done_videos
+    done += segment_videos(videos, names, args, segmenter, values, output_dir, skip)
     print(summary_line(len(paths) - len(skipped) - done, len(skipped), not_images, output_dir, done, len(incomplete)))
     return 1 if skipped or incomplete else 0
 
@@ -325,29 +325,28 @@ def segment_photos(paths, names, args, segmenter, values, output_dir, skip):
 
 
 def segment_videos(paths, names, args, segmenter, values, output_dir, skip):
-    """Each video through video.segment_video, one at a time; (videos written, videos already done). Without
-    PyAV every video is skipped with one line saying what to install."""
+    """Each video through video.segment_video, one at a time; returns how many were already done (--skip_existing).
+    Without PyAV every video is skipped with one line saying what to install."""
     if not paths:
-        return 0, 0
+        return 0
     try:
         av = video.import_av()
     except UserError as error:
         for path in paths:
             skip(path, str(error))
-        return 0, 0
-    written = done = 0
+        return 0
+    done = 0
     for path in paths:
         if args.skip_existing and video.is_done(av, output_dir, names[path], args):
             done += 1
             continue
         try:
             video.segment_video(av, path, names[path], segmenter, args, output_dir, values)
-            written += 1
         except video.VideoError as error:
             skip(path, str(error), kept_some=error.kept_some)
         except OSError as error:
             skip(path, f"could not write its outputs ({one_line(error)})")
-    return written, done
+    return done
 
 
 # ----------------------------------------------------------------------------- score a labelled split
