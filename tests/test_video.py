@@ -103,15 +103,17 @@ def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_ar
     assert sorted(path.name for path in output.iterdir()) == ["drive", "drive_overlay.mp4"]
 
 
-def test_confidence_maps_of_photos_are_the_top_probability_the_api_returns(tmp_path, checkpoint, monkeypatch):
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_confidence_maps_of_photos_are_the_top_probability_the_api_returns(tmp_path, checkpoint, monkeypatch, tta):
     photos, output = tmp_path / "photos", tmp_path / "out"
     photos.mkdir()
     rng = np.random.default_rng(1)
     for name, (height, width) in {"a.png": (40, 64), "b.jpg": (33, 17), "wide.png": (30, 700)}.items():
         Image.fromarray(noise(rng, height, width)).save(photos / name)
     monkeypatch.setattr(unet, "UPSAMPLE_BYTES", 3 * 4 * 30 * 700)  # upsampled 3 classes at a time
-    assert run("--checkpoint", checkpoint, "--input", photos, "--output", output, "--save_confidence") == 0
-    segmenter = inference.Segmenter(checkpoint, device="cpu")
+    assert run("--checkpoint", checkpoint, "--input", photos, "--output", output, "--save_confidence",
+               "--tta", tta) == 0
+    segmenter = inference.Segmenter(checkpoint, device="cpu", tta=tta)
     for name in ("a", "b", "wide"):
         path = next(photos.glob(f"{name}.*"))
         mask, probabilities, confidence = segmenter(path, probabilities=True, confidence=True)
