@@ -1,8 +1,9 @@
-"""Segment any folder of images with a trained U-Net, score a checkpoint on a labelled split, or use it from
-Python.
+"""Segment any folder of images or videos with a trained U-Net, score a checkpoint on a labelled split, or use
+it from Python.
 
     python inference.py                     # InferenceOutput/TestImages -> InferenceOutput/TestPredictions
     python inference.py --input "photos/*.jpg" --output out --label_ids
+    python inference.py --input drive.mp4 --frames         # needs pip install -r requirements-video.txt
     python inference.py --evaluate --data_root ../shared/camvid --split val
     python inference.py --export unet_model.onnx           # needs pip install -r requirements-export.txt
     python inference.py --export unet_int8.onnx --int8 --data_root ../shared/camvid   # int8, calibrated
@@ -15,17 +16,21 @@ Python.
 Every photo is resized to the --image_size the model was trained at (as the original project did) and the logits are
 upsampled back, so the mask matches the photo pixel for pixel. For each input NAME.ext the CLI writes
 NAME_mask.png (class indices, or Cityscapes label ids with --label_ids), NAME_color.png and
-NAME_overlay.jpg; inputs are never modified.
+NAME_overlay.jpg (and with --save_confidence NAME_confidence.png); a video NAME.mp4 gives NAME_overlay.mp4
+(video.py). Inputs are never modified; outputs are written atomically, so --skip_existing resumes a killed run.
 --evaluate scores exactly these masks, at the labels' own resolution.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import glob
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -41,9 +46,11 @@ from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAG
                      read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
 from onnx_runtime import OnnxPredictor, calibration_photos, import_onnxruntime, quantize_int8
-from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, resolve_device, run_cli, size_arg,
-                     write_image_atomically)
-from unet import TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, upsample_argmax
+from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, one_line, remove_stale_temp_files, resolve_device,
+                     run_cli, size_arg, write_image_atomically)
+from unet import (TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
+                  upsample_confidence)
+import video
 from visualize import colorize, overlay, plot_confusion_matrix
 
 DEFAULT_INPUT = "InferenceOutput/TestImages"
@@ -70,7 +77,8 @@ class Segmenter(Predictor):
 
     segmenter(image) takes a path, a PIL image or a numpy array ((H, W) gray or (H, W, 3) RGB uint8) and
     returns the (H, W) uint8 mask of class indices at the image's own size; with probabilities=True also
-    the (C, H, W) float32 class probabilities. class_names and class_table say what the indices mean.
+    the (C, H, W) float32 class probabilities, with confidence=True also the (H, W) float32 probability of the
+    top class (what --save_confidence writes, times 255). class_names and class_table say what the indices mean.
     amp: auto is float32 on CPUs and bf16 on GPUs (runtime.autocast_dtype); tta: test-time augmentation,
     "none", "flip" or "ms" (see scores()).
     """
@@ -102,14 +110,17 @@ class Segmenter(Predictor):
                               self.mean, self.std)
 
     @torch.inference_mode()
-    def __call__(self, image, probabilities=False):
+    def __call__(self, image, probabilities=False, confidence=False):
         photo = read_photo(image) if isinstance(image, (str, os.PathLike)) else photo_to_rgb(image)
         scores = self.scores(self.model_input(photo)[None])[0]
         mask = upsample_argmax(scores, photo.shape[:2]).byte().cpu().numpy()
-        if not probabilities:
-            return mask
-        upsampled = F.interpolate(scores[None], size=photo.shape[:2], mode="bilinear", align_corners=False)[0]
-        return mask, (upsampled.softmax(0) if self.tta == "none" else upsampled).cpu().numpy()
+        extra = []
+        if probabilities:
+            upsampled = F.interpolate(scores[None], size=photo.shape[:2], mode="bilinear", align_corners=False)[0]
+            extra.append((upsampled.softmax(0) if self.tta == "none" else upsampled).cpu().numpy())
+        if confidence:
+            extra.append(upsample_confidence(scores, photo.shape[:2], self.tta != "none").cpu().numpy())
+        return (mask, *extra) if extra else mask
 
 
 def is_onnx(checkpoint) -> bool:
@@ -174,15 +185,16 @@ def collate_decoded(samples):
 
 
 def find_images(spec):
-    """(inputs, other files): a folder gives its image files by extension (not recursive, hidden files
-    skipped) and, as other files, the rest, to be reported; one file or a glob gives no other files."""
+    """(inputs, other files): a folder gives its image and video files by extension (not recursive, hidden
+    files skipped) and, as other files, the rest, to be reported; one file or a glob gives no other files."""
     path = Path(spec)
     if path.is_dir():
+        suffixes = IMAGE_SUFFIXES | video.VIDEO_SUFFIXES
         files = [file for file in path.iterdir() if file.is_file() and not file.name.startswith(".")]
-        paths = [file for file in files if file.suffix.lower() in IMAGE_SUFFIXES]
+        paths = [file for file in files if file.suffix.lower() in suffixes]
         if not paths:
-            raise FileNotFoundError(2, f"no images (supported: {', '.join(sorted(IMAGE_SUFFIXES))})", str(path))
-        return sorted(paths), sorted(file for file in files if file.suffix.lower() not in IMAGE_SUFFIXES)
+            raise FileNotFoundError(2, f"no images or videos (supported: {', '.join(sorted(suffixes))})", str(path))
+        return sorted(paths), sorted(file for file in files if file.suffix.lower() not in suffixes)
     if path.is_file():
         return [path], []
     if any(char in spec for char in "*?["):
@@ -229,18 +241,30 @@ def make_output_folder(output_dir):
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def summary_line(num_written, num_skipped, not_images, output_dir):
-    """The run's last line, e.g. `3 written, 1 skipped, 2 not images (notes.txt, readme.md) -> out`."""
-    line = f"{num_written} written, {num_skipped} skipped"
+def summary_line(num_written, num_skipped, not_images, output_dir, num_done=0, num_incomplete=0):
+    """The run's last line, e.g. `3 written, 1 skipped, 2 not images (notes.txt, readme.md) -> out`; also how
+    many videos were damaged part way (written up to the damage) and, with --skip_existing, how many inputs
+    already had their outputs."""
+    line = f"{num_written} written" + (f" ({num_incomplete} incomplete)" if num_incomplete else "")
+    line += f", {num_skipped} skipped" + (f", {num_done} already done" if num_done else "")
     if not_images:
         names = ", ".join(path.name for path in not_images[:5]) + (", ..." if len(not_images) > 5 else "")
         line += f", {len(not_images)} {'not an image' if len(not_images) == 1 else 'not images'} ({names})"
     return f"{line} -> {output_dir}"
 
 
-def write_prediction(photo, mask, output_dir, name, class_table, mask_values, alpha):
-    """NAME_mask.png (class ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg. The PNGs use zlib's
-    fastest level: masks and palettes compress well even so, and encoding is part of what the user waits for."""
+def photo_outputs(output_dir, name, confidence):
+    """The files written for a photo (NAME_confidence.png only with --save_confidence)."""
+    kinds = ("mask.png", "color.png", "overlay.jpg") + (("confidence.png",) if confidence else ())
+    return [output_dir / f"{name}_{kind}" for kind in kinds]
+
+
+def write_prediction(photo, mask, output_dir, name, class_table, mask_values, alpha, confidence=None):
+    """NAME_mask.png (class ids mapped through mask_values), NAME_color.png, NAME_overlay.jpg, and when given,
+    NAME_confidence.png (8-bit gray, 255 = probability 1.0). The PNGs use zlib's fastest level: masks and
+    palettes compress well even so, and encoding is part of what the user waits for."""
+    if confidence is not None:
+        write_image_atomically(output_dir / f"{name}_confidence.png", confidence, compress_level=1)
     write_image_atomically(output_dir / f"{name}_mask.png", mask_values[mask], compress_level=1)
     write_image_atomically(output_dir / f"{name}_color.png", colorize(mask, class_table.colors), compress_level=1)
     write_image_atomically(output_dir / f"{name}_overlay.jpg", overlay(photo, mask, class_table.colors, alpha),
@@ -262,49 +286,97 @@ def mask_values(class_table, label_ids, flag="--label_ids"):
 # ----------------------------------------------------------------------------- segment a folder
 
 def predict(args, segmenter):
-    """Segment every input; returns the exit status (0, or 1 when some input was skipped)."""
+    """Segment every input, photos first, then videos; returns the exit status (0, or 1 when some input was
+    skipped). With --skip_existing, inputs whose outputs all exist are left as they are."""
     paths, not_images = find_images(args.input)
     output_dir = Path(args.output)
     check_output_folder(paths, output_dir)
     values = mask_values(segmenter.class_table, args.label_ids)
     make_output_folder(output_dir)
-    names = output_names(paths)
+    remove_stale_temp_files(output_dir)
+    names = dict(zip(paths, output_names(paths)))
+    photos = [path for path in paths if not video.is_video(path)]
+    videos = [path for path in paths if video.is_video(path)]
+    skipped, incomplete = [], []
+
+    def skip(path, reason, kept_some=False):
+        """One warning line per bad input; kept_some: a damaged video whose first frames were written."""
+        (incomplete if kept_some else skipped).append(path)
+        line = f"warning: {path}: {reason}" if kept_some else f"warning: skipped {path}: {reason}"
+        tqdm.write(line, file=sys.stderr)
+
+    done = 0
+    if args.skip_existing:
+        todo = [path for path in photos if not all(file.is_file() for file in
+                                                  photo_outputs(output_dir, names[path], args.save_confidence))]
+        photos, done = todo, len(photos) - len(todo)
+    if photos:
+        segment_photos(photos, names, args, segmenter, values, output_dir, skip)
+    done += segment_videos(videos, names, args, segmenter, values, output_dir, skip)
+    print(summary_line(len(paths) - len(skipped) - done, len(skipped), not_images, output_dir, done, len(incomplete)))
+    return 1 if skipped or incomplete else 0
+
+
+def segment_photos(paths, names, args, segmenter, values, output_dir, skip):
+    """Decode in DataLoader workers, segment in batches, write in threads; skip(path, reason) for bad files."""
     files = ImageFiles(paths, segmenter.image_size, segmenter.mean, segmenter.std)
     loader = DataLoader(files, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_decoded,
                         pin_memory=segmenter.device.type == "cuda")
-    skipped, pending = [], []
-
-    def skip(index, reason):
-        skipped.append(paths[index])
-        tqdm.write(f"warning: skipped {paths[index]}: {reason}", file=sys.stderr)
+    pending = []
 
     def finish(job):
         index, future = job
         try:
             future.result()
         except OSError as error:
-            skip(index, f"could not write its outputs ({error})")
+            skip(paths[index], f"could not write its outputs ({error})")
 
     # disable=None: no bar when stderr is not a terminal, so a log holds the warnings as plain lines
     progress = tqdm(total=len(paths), unit="img", desc="segmenting", dynamic_ncols=True, disable=None)
+    probabilities = segmenter.tta != "none"
     with ThreadPoolExecutor(max_workers=args.writer_threads) as writer:
         for batch in loader:
             for index, reason in batch["failures"]:
-                skip(index, reason)
+                skip(paths[index], reason)
             if batch["inputs"] is not None:
                 batch_scores = segmenter.scores(batch["inputs"])
                 for index, photo, image_scores in zip(batch["indices"], batch["photos"], batch_scores):
-                    mask = upsample_argmax(image_scores, photo.shape[:2]).byte().cpu().numpy()
+                    mask, confidence = mask_and_confidence(image_scores, photo.shape[:2], probabilities,
+                                                           args.save_confidence)
                     pending.append((index, writer.submit(write_prediction, photo.numpy(), mask, output_dir,
-                                                         names[index], segmenter.class_table, values, args.alpha)))
+                                                         names[paths[index]], segmenter.class_table, values,
+                                                         args.alpha, confidence)))
             while len(pending) > 2 * args.batch_size:  # bound the photos and masks held in memory
                 finish(pending.pop(0))
             progress.update(len(batch["indices"]) + len(batch["failures"]))
         for job in pending:
             finish(job)
     progress.close()
-    print(summary_line(len(paths) - len(skipped), len(skipped), not_images, output_dir))
-    return 1 if skipped else 0
+
+
+def segment_videos(paths, names, args, segmenter, values, output_dir, skip):
+    """Each video through video.segment_video, one at a time; returns how many were already done (--skip_existing).
+    Without PyAV every video is skipped with one line saying what to install."""
+    if not paths:
+        return 0
+    try:
+        av = video.import_av()
+    except UserError as error:
+        for path in paths:
+            skip(path, str(error))
+        return 0
+    done = 0
+    for path in paths:
+        if args.skip_existing and video.is_done(av, output_dir, names[path], args):
+            done += 1
+            continue
+        try:
+            video.segment_video(av, path, names[path], segmenter, args, output_dir, values)
+        except video.VideoError as error:
+            skip(path, str(error), kept_some=error.kept_some)
+        except OSError as error:
+            skip(path, f"could not write its outputs ({one_line(error)})")
+    return done
 
 
 # ----------------------------------------------------------------------------- score a labelled split
@@ -430,7 +502,7 @@ def build_parser():
                         help="weights file of training.py (or its checkpoint.pt, or a bare state_dict), or an ONNX "
                              "model that --export wrote, run by ONNX Runtime (default: %(default)s)")
     parser.add_argument("--input", default=DEFAULT_INPUT,
-                        help="a folder, one image file, or a glob in quotes (default: %(default)s)")
+                        help="a folder, one image or video file, or a glob in quotes (default: %(default)s)")
     parser.add_argument("--output", help=f"output folder, created if missing (default: {DEFAULT_OUTPUT}; "
                                           f"{DEFAULT_EVAL_OUTPUT} with --evaluate)")
     parser.add_argument("--image_size", type=size_arg,
@@ -458,6 +530,20 @@ def build_parser():
                         help="test-time augmentation: flip averages the class probabilities of each photo and its "
                              "mirror image (2 forward passes), ms also over 0.75x and 1.25x the training size (6 "
                              "passes) (default: %(default)s)")
+    parser.add_argument("--save_confidence", action="store_true",
+                        help="also write NAME_confidence.png beside each mask: the top class's probability as 8-bit "
+                             "gray, 255 = 1.0 (default: off)")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="leave inputs whose outputs all exist as they are, so a long run that was stopped "
+                             "goes on where it stopped (default: every input is written)")
+    videos = parser.add_argument_group(f"videos (mp4, mkv, mov, avi, webm, ...; need pip install -r "
+                                       f"{video.VIDEO_REQUIREMENTS})")
+    videos.add_argument("--frames", action="store_true",
+                        help="also write each frame's mask as OUTPUT/NAME/000123_mask.png (default: only the "
+                             "overlay video OUTPUT/NAME_overlay.mp4)")
+    videos.add_argument("--smooth", type=int, default=1, metavar="N",
+                        help="average each pixel's class probabilities over the last N frames before the argmax, "
+                             "against flicker; 1 is off (default: %(default)s)")
     parser.add_argument("--export", metavar="MODEL.onnx",
                         help=f"write the checkpoint as an ONNX model instead of segmenting; needs pip install -r "
                              f"{EXPORT_REQUIREMENTS} (default: no export)")
@@ -491,8 +577,8 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0 or args.writer_threads < 1:
-        parser.error("--batch_size and --writer_threads must be >= 1, --num_workers >= 0")
+    if args.batch_size < 1 or args.num_workers < 0 or args.writer_threads < 1 or args.smooth < 1:
+        parser.error("--batch_size, --writer_threads and --smooth must be >= 1, --num_workers >= 0")
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.evaluate and not args.data_root:
@@ -521,7 +607,24 @@ def main(argv=None):
             return export_onnx(segmenter, args.export, args.data_root if args.int8 else None)
         return evaluate_split(args, segmenter) if args.evaluate else predict(args, segmenter)
 
-    return run_cli(run)
+    with interrupted_by_sigterm():
+        return run_cli(run)
+
+
+@contextlib.contextmanager
+def interrupted_by_sigterm():
+    """SIGTERM (kill, a job scheduler's stop) acts as Ctrl-C does: files being written are finished or left
+    under temporary names, and a video's overlay so far is closed as a playable file."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

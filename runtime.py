@@ -116,6 +116,29 @@ def save_figure(figure, path):
     atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
 
 
+def remove_stale_temp_files(folder):
+    """Delete the temporary files that atomic_write left in `folder` when its process was killed (SIGKILL,
+    a power cut); those of a process still running are kept. Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).glob(".*.tmp"):
+        match = re.fullmatch(r"\..+\.(\d+)\.tmp", path.name)
+        if match and not process_is_alive(int(match[1])):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def process_is_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_torch_file(obj, path):
     """torch.save, atomically. The object is serialised in memory first, so a full disk surfaces as an
     OSError naming `path` (torch's zip writer would report it as an unreadable internal RuntimeError)."""

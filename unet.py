@@ -136,6 +136,37 @@ def upsample_argmax(logits, size):
     return best_class
 
 
+def upsample_confidence(scores, size, probabilities=False):
+    """(C, h, w) logits (or, with probabilities=True, class probabilities) -> (H, W) float32 probability of the
+    top class at `size`: the softmax of the bilinearly upsampled logits, as upsample_argmax picks its class.
+    Chunked like upsample_argmax (a running max, then a running sum of exp(logit - max)), so big photos fit."""
+    height, width = size
+    scores = scores.float().contiguous()
+    chunk = max(1, UPSAMPLE_BYTES // (4 * height * width))
+
+    def chunks():
+        for start in range(0, scores.shape[0], chunk):
+            yield F.interpolate(scores[None, start:start + chunk], size=size, mode="bilinear", align_corners=False)[0]
+
+    top = None
+    for upsampled in chunks():
+        top = upsampled.amax(0) if top is None else torch.maximum(top, upsampled.amax(0))
+    if probabilities:
+        return top
+    total = sum((upsampled - top).exp().sum(0) for upsampled in chunks())
+    return 1 / total
+
+
+def mask_and_confidence(scores, size, probabilities=False, confidence=False):
+    """(C, h, w) class scores -> the uint8 (H, W) mask at `size` and, with confidence=True, the top class's
+    probability as 8-bit gray (255 = 1.0), else None; probabilities says the scores are probabilities already."""
+    mask = upsample_argmax(scores, size).byte().cpu().numpy()
+    if not confidence:
+        return mask, None
+    gray = (upsample_confidence(scores, size, probabilities) * 255).round().clamp(0, 255)
+    return mask, gray.byte().cpu().numpy()
+
+
 def fold_batchnorm(model):
     """Fold every eval-mode BatchNorm into the conv before it, in place: the same function with one pass
     over each feature map fewer. For inference only (the folded model cannot train)."""

@@ -12,7 +12,7 @@ LAYERS = [
     {"unet"},
     {"dataset", "losses", "lr_schedule", "metrics", "synthetic_city"},
     {"batches", "checkpoint", "visualize", "onnx_runtime"},
-    {"config"},
+    {"config", "video"},
     {"training", "inference"},
 ]
 LAYER = {module: index for index, modules in enumerate(LAYERS) for module in modules}

@@ -1,0 +1,309 @@
+"""Video files through inference.py: frames are decoded, segmented in batches exactly as photos are, and the
+palette over each frame is encoded as H.264, all three at once (a decoding thread, the model, an encoding thread,
+joined by small queues), so memory stays flat whatever the video's length.
+
+    python inference.py --input drive.mp4            # -> OUTPUT/drive_overlay.mp4
+    python inference.py --input drive.mp4 --frames   # also OUTPUT/drive/000000_mask.png, ...
+
+PyAV (the av package: FFmpeg with libx264 bundled) is imported only when a video is met, so photos never need it.
+"""
+import collections
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from runtime import Stopped, UserError, one_line, remove_stale_temp_files, write_image_atomically
+from unet import mask_and_confidence
+from visualize import overlay
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".ts", ".mts", ".mpg", ".mpeg", ".wmv", ".flv"}
+VIDEO_REQUIREMENTS = "requirements-video.txt"
+ENCODER_OPTIONS = {"crf": "20", "preset": "veryfast"}  # x264: visually clean, and fast enough for 2 cores
+FALLBACK_RATE = Fraction(30)  # for the rare stream that records no frame rate
+
+
+class VideoError(Exception):
+    """A video that cannot be (fully) read; the message says why, without the file name. kept_some: the frames
+    before the damage were written."""
+
+    def __init__(self, message, kept_some=False):
+        super().__init__(message)
+        self.kept_some = kept_some
+
+
+def import_av():
+    """The av module, or a UserError saying what to install."""
+    try:
+        import av
+        import av.logging
+    except ImportError:
+        raise UserError(f"video input needs PyAV: pip install -r {VIDEO_REQUIREMENTS}") from None
+    av.logging.set_level(av.logging.ERROR)  # decoding damage is reported as ERROR log lines, which we capture
+    return av
+
+
+def is_video(path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def overlay_path(output_dir, name, partial=False):
+    return Path(output_dir) / f"{name}_overlay{'.partial' if partial else ''}.mp4"
+
+
+# ----------------------------------------------------------------------------- reading
+
+def first_error(av, logs, ignore=None):
+    """`module: message` of the first ERROR line FFmpeg logged (not counting module `ignore`), or None."""
+    line = next((line for line in logs if line[0] <= av.logging.ERROR and line[1] != ignore), None)
+    return None if line is None else f"{line[1]}: {line[2].strip()}"
+
+
+def open_video(av, path):
+    """(container, its first video stream, the damage the demuxer reported while reading ahead or None), or
+    VideoError saying why the file cannot be read. Opening reads ahead (and decodes a few frames, whose errors the
+    reader sees again), so a short truncated file may show its damage here already."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise VideoError("empty file")
+    try:
+        with av.logging.Capture(local=False) as logs:
+            container = av.open(str(path))
+    except Exception as error:  # FFmpeg's errors (InvalidDataError, PermissionError, ...) all mean: unreadable
+        reason = getattr(error, "strerror", None) or one_line(error)
+        raise VideoError(f"cannot read it as a video ({reason})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError("no video stream")
+    stream = container.streams.video[0]
+    return container, stream, first_error(av, logs, ignore=stream.codec_context.name)
+
+
+class FrameReader:
+    """Decodes a stream's frames in a thread into a small queue, each as (index, uint8 RGB (H, W, 3), model input).
+    Decoding stops at the first damage FFmpeg reports (a truncated or corrupt file); `damage` then says at which
+    frame and why, and the frames before it are all delivered. Errors before the first whole frame (a stream cut
+    at its start decodes from its first keyframe) drop the frames they come with; `start_error` says why."""
+
+    def __init__(self, av, container, stream, model_input, depth, damage_at_open=None):
+        self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
+        self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
+        self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
+        self.damage_at_open, self.start_error = damage_at_open, None
+        self.thread = threading.Thread(target=self._decode, daemon=True)
+        self.thread.start()
+
+    def _put(self, item):
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _decode(self):
+        index = 0
+        try:
+            with self.av.logging.Capture(local=False) as logs:
+                for packet in self.container.demux(self.stream):
+                    decoded, error = self._decode_packet(packet, logs)
+                    if error:  # the frames a damaged packet releases may be damaged
+                        if index > 0:
+                            self.damage = (index, error)
+                            return
+                        self.start_error = self.start_error or error
+                        logs.clear()
+                        continue
+                    for frame in decoded:
+                        rgb = frame.reformat(*self.size, format="rgb24").to_ndarray()
+                        if not self._put((index, rgb, self.model_input(rgb))):
+                            return
+                        index += 1
+            if self.damage_at_open:  # the demuxer gave what it had; the file's end is missing
+                self.damage = (index, self.damage_at_open)
+        except Exception as error:  # a demuxer or decoder failure part way
+            self.damage = (index, one_line(error))
+        finally:
+            self._put(None)
+
+    def _decode_packet(self, packet, logs):
+        """(frames, None), or (frames, why) when FFmpeg reported damage (an ERROR log line or a failed call)."""
+        try:
+            decoded = packet.decode()
+        except self.av.error.InvalidDataError as error:
+            return [], one_line(error)
+        return decoded, first_error(self.av, logs)
+
+    def batches(self, size):
+        """Lists of up to `size` decoded frames, in order, until the stream ends or decoding stops."""
+        batch = []
+        while (item := self.queue.get()) is not None:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+
+
+# ----------------------------------------------------------------------------- writing
+
+class OverlayWriter:
+    """An H.264 mp4 of the source's frame size and rate, written under a temporary name beside the output and
+    renamed when closed: a killed run never leaves a half-written video under an output's name."""
+
+    def __init__(self, av, path, width, height, rate):
+        self.av, self.count = av, 0
+        self.temp_path = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+        self.container = av.open(str(self.temp_path), "w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
+        self.stream.width, self.stream.height = width, height
+        # 4:2:0 needs even sides; odd-sized sources keep their size in 4:4:4
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+
+    def write(self, rgb):
+        frame = self.av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = self.count, 1 / Fraction(self.stream.codec_context.framerate)
+        self.container.mux(self.stream.encode(frame))
+        self.count += 1
+
+    def close(self, path):
+        """Flush the encoder, close the file (playable) and give it its name."""
+        self.container.mux(self.stream.encode())
+        self.container.close()
+        with open(self.temp_path, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(self.temp_path, path)
+
+    def discard(self):
+        try:
+            self.container.close()
+        except Exception:  # closing after a failure may fail too; the file goes anyway
+            pass
+        self.temp_path.unlink(missing_ok=True)
+
+
+class Smoother:
+    """--smooth N: each pixel's class probabilities averaged over the last N frames (causal, so it streams), at
+    the model's resolution; N = 1 passes the scores through, so frames are segmented exactly as photos are."""
+
+    def __init__(self, frames, scores_are_probabilities):
+        self.window = collections.deque(maxlen=frames)
+        self.scores_are_probabilities = scores_are_probabilities
+
+    def __call__(self, scores):
+        """(scores to upsample, whether they are probabilities)."""
+        if self.window.maxlen == 1:
+            return scores, self.scores_are_probabilities
+        self.window.append(scores if self.scores_are_probabilities else scores.softmax(0))
+        return sum(self.window) / len(self.window), True
+
+
+# ----------------------------------------------------------------------------- one video
+
+def frames_folder(output_dir, name):
+    return Path(output_dir) / name
+
+
+def is_done(av, output_dir, name, args):
+    """--skip_existing: the overlay exists (it is renamed into place only when complete) and, with --frames, so
+    does every frame's mask (and confidence map)."""
+    path = overlay_path(output_dir, name)
+    if not path.is_file():
+        return False
+    if not args.frames:
+        return True
+    with av.open(str(path)) as written:
+        count = written.streams.video[0].frames
+    kinds = ("mask", "confidence") if args.save_confidence else ("mask",)
+    folder = frames_folder(output_dir, name)
+    return all((folder / f"{index:06d}_{kind}.png").is_file() for index in range(count) for kind in kinds)
+
+
+def write_frame_files(folder, index, mask, confidence, mask_values):
+    write_image_atomically(folder / f"{index:06d}_mask.png", mask_values[mask])
+    if confidence is not None:
+        write_image_atomically(folder / f"{index:06d}_confidence.png", confidence)
+
+
+def segment_frames(reader, writer, segmenter, args, mask_values, folder, progress):
+    """The model's loop: batches of decoded frames in, overlay frames to the encoding thread and frame files to
+    the writing threads; at most a few batches are in flight, so memory stays flat."""
+    smoother = Smoother(args.smooth, segmenter.tta != "none")
+    colors, pending = segmenter.class_table.colors, collections.deque()
+    with ThreadPoolExecutor(1) as encoder, ThreadPoolExecutor(args.writer_threads) as files:
+        for batch in reader.batches(args.batch_size):
+            batch_scores = segmenter.scores(torch.stack([model_input for _, _, model_input in batch]))
+            for (index, rgb, _), scores in zip(batch, batch_scores):
+                scores, probabilities = smoother(scores)
+                mask, confidence = mask_and_confidence(scores, rgb.shape[:2], probabilities, args.save_confidence)
+                pending.append(encoder.submit(lambda rgb=rgb, mask=mask: writer.write(overlay(rgb, mask, colors,
+                                                                                              args.alpha))))
+                if folder is not None:
+                    pending.append(files.submit(write_frame_files, folder, index, mask, confidence, mask_values))
+            while len(pending) > 4 * args.batch_size:
+                pending.popleft().result()
+            progress.update(len(batch))
+        for job in pending:
+            job.result()
+
+
+def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
+    """Segment one video into OUTPUT/NAME_overlay.mp4 (and with --frames OUTPUT/NAME/*.png). Returns the number of
+    frames written; raises VideoError for a file that decodes nothing and for damage part way (the frames before
+    it are then kept in the overlay), and Stopped on Ctrl-C (the overlay so far is kept as NAME_overlay.partial.mp4)."""
+    container, stream, damage_at_open = open_video(av, path)
+    with container:
+        stream.thread_type = "SLICE"  # frame threads would log damage frames after it happened
+        context = stream.codec_context
+        rate = stream.average_rate or stream.guessed_rate or FALLBACK_RATE
+        folder = frames_folder(output_dir, name) if args.frames else None
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
+            remove_stale_temp_files(folder)
+        reader = FrameReader(av, container, stream, segmenter.model_input, 2 * args.batch_size, damage_at_open)
+        writer = OverlayWriter(av, overlay_path(output_dir, name), context.width, context.height, rate)
+        progress = tqdm(total=stream.frames or None, unit="frame", desc=Path(path).name, dynamic_ncols=True,
+                        disable=None)
+        try:
+            segment_frames(reader, writer, segmenter, args, mask_values, folder, progress)
+        except KeyboardInterrupt:
+            reader.stop()
+            if writer.count == 0:
+                writer.discard()
+                raise Stopped(f"interrupted: {path}: no frame was segmented yet", 130) from None
+            partial = overlay_path(output_dir, name, partial=True)
+            writer.close(partial)
+            raise Stopped(f"interrupted: {path}: the {writer.count} frames segmented so far are in {partial} "
+                          f"(playable; run again to finish it)", 130) from None
+        except BaseException:
+            reader.stop()
+            writer.discard()
+            raise
+        finally:
+            progress.close()
+        reader.stop()
+        if writer.count == 0:
+            writer.discard()
+            reason = (reader.damage or (0, reader.start_error or "the video stream holds no frame"))[1]
+            raise VideoError(f"no frame could be decoded ({reason})")
+        writer.close(overlay_path(output_dir, name))
+    overlay_path(output_dir, name, partial=True).unlink(missing_ok=True)
+    if reader.start_error:
+        raise VideoError(f"its start could not be decoded ({reader.start_error}); {writer.count} frames from the first "
+                         f"whole one on are in {overlay_path(output_dir, name)}", kept_some=True)
+    if reader.damage:
+        index, reason = reader.damage
+        raise VideoError(f"decoding stopped at frame {index} ({reason}); the {index} frames before it are in "
+                         f"{overlay_path(output_dir, name)}", kept_some=True)
+    return writer.count
