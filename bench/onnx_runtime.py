@@ -16,8 +16,6 @@ inference.py --evaluate on the val split of every --evaluate_on dataset, against
 import argparse
 import json
 import shutil
-import sys
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -219,19 +217,7 @@ def run(args):
              + ", ".join(f"{name} {share:.3%}" for name, share in same.items()))
     if args.evaluate_on:
         body += "\n\n" + accuracy_table(args, candidates)
-    harness.report("ONNX Runtime and int8 on the CPU", header, body, False)
-    if args.record:
-        record(header, body)
-
-
-def record(header, body):
-    """Append the block, with the command that made it, to bench/records/DATE-onnx-runtime.md."""
-    path = Path(__file__).resolve().parent / "records" / f"{date.today()}-onnx-runtime.md"
-    path.parent.mkdir(exist_ok=True)
-    command = " ".join(["python -m bench.onnx_runtime", *sys.argv[1:]])
-    with open(path, "a") as file:
-        file.write(f"### ONNX Runtime and int8 on the CPU\n\n{header}\n\n`{command}`\n\n{body}\n\n")
-    print(f"recorded in {path}")
+    harness.report("onnx_runtime", header, body, args.record)
 
 
 def parse_args(argv=None):
