@@ -598,7 +598,8 @@ def test_evaluating_what_training_wrote_reproduces_its_final_val_scores(tmp_path
 
     runs = []
     start_run = training.start_run
-    monkeypatch.setattr(training, "start_run", lambda *args: runs.append(start_run(*args)) or runs[-1])
+    monkeypatch.setattr(training, "start_run",
+                        lambda *args, **kwargs: runs.append(start_run(*args, **kwargs)) or runs[-1])
     training.main(["--dataset", "synthetic", "--data_root", str(tmp_path / "synthetic"), "--synthetic_train", "4",
                    "--synthetic_val", "3", "--image_size", "64x32", "--base_channels", "4", "--depth", "2",
                    "--training_iterations", "3", "--eval_interval", "3", "--save_model_interval", "3",
