@@ -105,10 +105,11 @@ def calibration_photos(data_root, image_size, mean, std, count=CALIBRATION_PHOTO
     return [to_model_input(read_image(path), image_size, mean, std)[None].numpy() for path in chosen]
 
 
-def quantize_int8(float_model, calibration_inputs, nodes_to_exclude=()):
+def quantize_int8(float_model, calibration_inputs):
     """`float_model` (an onnx.ModelProto) statically quantized to int8 by ONNX Runtime's tools: QDQ format,
     per-channel int8 weights, uint8 activations whose ranges (min/max) come from calibration_inputs; the metadata
-    is kept, and nodes_to_exclude stay float32."""
+    is kept. The first convolution stays float32: its input is the photo itself, and an unseen scene's pixels (a
+    brighter sky than any calibration photo's) would be clipped by an int8 input (docs/inference.md)."""
     import onnx
     import_onnxruntime("--int8")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -121,12 +122,13 @@ def quantize_int8(float_model, calibration_inputs, nodes_to_exclude=()):
         def get_next(self):
             return next(({"image": image} for image in self.inputs), None)
 
+    first_conv = next(node.name for node in float_model.graph.node if node.op_type == "Conv")
     with tempfile.TemporaryDirectory() as folder:
         onnx.save(float_model, f"{folder}/float.onnx")
         quant_pre_process(f"{folder}/float.onnx", f"{folder}/prepared.onnx", skip_symbolic_shape=True)
         quantize_static(f"{folder}/prepared.onnx", f"{folder}/int8.onnx", Photos(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(nodes_to_exclude))
+                        nodes_to_exclude=[first_conv])
         quantized = onnx.load(f"{folder}/int8.onnx")
     onnx.helper.set_model_props(quantized, {prop.key: prop.value for prop in float_model.metadata_props})
     return quantized

@@ -104,10 +104,13 @@ def test_int8_export_is_quantized_keeps_the_metadata_and_agrees_with_float32(mod
     ops = [node.op_type for node in quantized.graph.node]
     convs = ops.count("Conv") + ops.count("ConvTranspose")  # the decoder's transposed convs too
     assert ops.count("Conv") == [node.op_type for node in float_model.graph.node].count("Conv")
-    assert ops.count("QuantizeLinear") >= convs and ops.count("DequantizeLinear") >= 2 * convs  # QDQ around each
+    quantized_convs = convs - 1  # the first conv stays float32: its input is the photo itself
+    assert ops.count("QuantizeLinear") >= quantized_convs and ops.count("DequantizeLinear") >= 2 * quantized_convs
     weights = {init.name: init for init in quantized.graph.initializer}
     int8_weights = [w for w in weights.values() if w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 4]
-    assert len(int8_weights) == convs
+    assert len(int8_weights) == quantized_convs
+    first_conv = next(node for node in quantized.graph.node if node.op_type == "Conv")
+    assert weights[first_conv.input[1]].data_type == onnx.TensorProto.FLOAT
     per_channel = [w for w in weights.values() if w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 1
                    and "scale" in w.name]
     assert per_channel  # per-channel weight scales: one per output channel
