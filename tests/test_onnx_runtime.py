@@ -199,3 +199,21 @@ def test_onnx_problems_are_one_line(models, tmp_path, capsys, monkeypatch, make_
 def test_training_never_imports_onnx_runtime():
     source = (Path(inference.__file__).parent / "training.py").read_text()
     assert "onnx" not in source
+
+
+def test_an_onnx_model_segments_a_video_as_its_weights_file_does(models, tmp_path):
+    """Videos go through the same Predictor interface: the ONNX export's frame masks are its weights file's."""
+    pytest.importorskip("av")
+    from test_video import write_video
+
+    _, weights, float_onnx, _ = models
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "clip.mp4", [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(6)])
+    masks = {}
+    for name, checkpoint in (("pth", weights), ("onnx", float_onnx)):
+        assert run("--checkpoint", checkpoint, "--input", tmp_path / "clip.mp4", "--output", tmp_path / name,
+                   "--frames", "--device", "cpu") == 0
+        masks[name] = [np.array(Image.open(path)) for path in sorted((tmp_path / name / "clip").glob("*_mask.png"))]
+    assert len(masks["onnx"]) == 6 and masks["onnx"][0].shape == (48, 64)
+    same = sum(int((a == b).sum()) for a, b in zip(masks["pth"], masks["onnx"]))
+    assert same / sum(mask.size for mask in masks["pth"]) >= 0.999
