@@ -31,7 +31,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from runtime import DEFAULT_IMAGE_SIZE, UserError, run_cli, size_arg, write_image_atomically
+from runtime import DEFAULT_IMAGE_SIZE, UserError, remove_stale_temp_files, run_cli, size_arg, write_image_atomically
 
 IGNORE_INDEX = 255
 # ImageNet RGB statistics: the standard choice for natural photos, and what any pretrained encoder expects.
@@ -704,9 +704,8 @@ def prepare(src, dst, size=DEFAULT_IMAGE_SIZE, workers=None, layout="auto") -> t
     if isinstance(source, FolderLayout):
         dst.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / FolderLayout.CLASSES_FILE, dst / FolderLayout.CLASSES_FILE)
-    for _, target, _ in jobs:  # what a killed run left of its atomic writes
-        for stale_temp in target.parent.glob(f".{target.name}.*.tmp"):
-            stale_temp.unlink()
+    for folder in {target.parent for _, target, _ in jobs}:  # what a killed run left of its atomic writes
+        remove_stale_temp_files(folder)
     pending = [job for job in jobs if not _is_prepared(job[1], size)]
     convert = partial(prepare_file, size=size)
     workers = min(workers or os.cpu_count(), max(len(pending), 1))

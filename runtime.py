@@ -84,24 +84,30 @@ def size_arg(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- files
 
+def temp_path(path) -> Path:
+    """Where a file is written before it is renamed to `path`: hidden, beside it, named by the writing process so
+    that remove_stale_temp_files can tell a killed writer's leftovers from a running one's."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it over `path`: a kill at any
     instant leaves the previous file intact, and a symlink at `path` is replaced, never written through.
     A failure (a full disk, a read-only folder) is an OSError that names `path`; no temporary file remains."""
-    path = Path(path)
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path, temp = Path(path), temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp_path, "wb") as file:
+        with open(temp, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp_path, path)
+        os.replace(temp, path)
     except OSError as error:
         raise OSError(error.errno, f"could not write it ({error.strerror or error})", str(path)) from None
     finally:
         with contextlib.suppress(OSError):  # nothing to remove when the folder itself was the problem
-            temp_path.unlink()
+            temp.unlink()
 
 
 def write_image_atomically(path, pixels, image_format="PNG", **save_options):

@@ -40,7 +40,8 @@ from losses import CEDiceLoss, logit_shift
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import MetricsLog, TrainLogger, format_table, score_split, scores
 from runtime import (INTERRUPTED_EXIT_CODE, Stopped, StopRequest, UserError, atomic_write, autocast_dtype,
-                     init_distributed, keep_freed_memory, resolve_device, run_cli, use_channels_last)
+                     init_distributed, keep_freed_memory, remove_stale_temp_files, resolve_device, run_cli,
+                     use_channels_last)
 from unet import Predictor, UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
@@ -344,8 +345,7 @@ def open_run_folder(run):
     Path(run.config.model_path).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after training
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "snapshots").mkdir(exist_ok=True)
-    for stale in run.run_dir.glob(".*.tmp"):  # what a kill left of an atomic write; the previous file is intact
-        stale.unlink()
+    remove_stale_temp_files(run.run_dir)  # what a kill left of an atomic write; the previous file is intact
     run.config.save(run.run_dir / "config.json")
     MetricsLog(run.run_dir / "metrics.jsonl").keep_until(run.progress.step)
 

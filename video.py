@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from runtime import Stopped, UserError, one_line, remove_stale_temp_files, write_image_atomically
+from runtime import Stopped, UserError, one_line, remove_stale_temp_files, temp_path, write_image_atomically
 from unet import mask_and_confidence
 from visualize import overlay
 
@@ -164,7 +164,7 @@ class OverlayWriter:
 
     def __init__(self, av, path, width, height, rate):
         self.av, self.count = av, 0
-        self.temp_path = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+        self.temp_path = temp_path(path)
         self.container = av.open(str(self.temp_path), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
         self.stream.width, self.stream.height = width, height

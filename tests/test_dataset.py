@@ -461,7 +461,8 @@ def test_prepare_writes_downscaled_copy_and_is_idempotent(make_cityscapes, tmp_p
 
     resumed = dst / outputs[0]
     resumed.unlink()
-    stale_temp = dst / outputs[1].parent / f".{outputs[1].name}.999.tmp"
+    dead_pid = 2**22 + 1  # above Linux's largest pid_max: a writer that cannot be running
+    stale_temp = dst / outputs[1].parent / f".{outputs[1].name}.{dead_pid}.tmp"
     stale_temp.write_bytes(b"half a png")
     assert prepare(src, dst, (32, 16), workers=1) == (1, 23)
     assert prepared_files(dst) == outputs  # no temp files left
