@@ -46,8 +46,8 @@ from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAG
                      read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
 from onnx_runtime import OnnxPredictor, calibration_photos, import_onnxruntime, quantize_int8
-from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, one_line, remove_stale_temp_files, resolve_device,
-                     run_cli, size_arg, write_image_atomically)
+from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, import_optional, one_line, remove_stale_temp_files,
+                     resolve_device, run_cli, size_arg, write_image_atomically)
 from unet import (TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
                   upsample_confidence)
 import video
@@ -445,12 +445,8 @@ def export_onnx(segmenter, path, int8_data_root=None):
     normalised float32 (N, 3, H, W) batch of any N, H and W; output `logits`, (N, C, H, W); the class names and
     colours, training size and normalisation in the model's metadata. With int8_data_root: statically quantized
     to int8, calibrated on up to 100 of its train photos (onnx_runtime.quantize_int8)."""
-    try:
-        import onnx
-        import onnxscript  # noqa: F401 (torch.onnx's exporter needs it)
-    except ImportError:
-        raise UserError(f"--export needs the onnx and onnxscript packages: pip install -r {EXPORT_REQUIREMENTS}") \
-            from None
+    onnx = import_optional("onnx", "onnxscript", needed_for="--export needs the onnx and onnxscript packages",
+                           requirements=EXPORT_REQUIREMENTS)  # torch.onnx's exporter needs onnxscript
     if int8_data_root:
         import_onnxruntime("--int8")
     if isinstance(segmenter, OnnxPredictor) and not int8_data_root:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dataset import DatasetError, open_layout, read_image, to_model_input
-from runtime import UserError
+from runtime import UserError, import_optional
 from unet import TTA_SCALES, Predictor
 
 ONNXRUNTIME_REQUIREMENTS = "requirements-onnxruntime.txt"
@@ -24,11 +24,8 @@ CALIBRATION_PHOTOS = 100
 
 def import_onnxruntime(purpose):
     """The onnxruntime package, or one line saying which requirements file installs it."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError(f"{purpose} needs ONNX Runtime: pip install -r {ONNXRUNTIME_REQUIREMENTS}") from None
-    return onnxruntime
+    return import_optional("onnxruntime", needed_for=f"{purpose} needs ONNX Runtime",
+                           requirements=ONNXRUNTIME_REQUIREMENTS)
 
 
 def open_session(path, threads=None):

@@ -66,6 +66,15 @@ def run_cli(command, *args):
         return INTERRUPTED_EXIT_CODE
 
 
+def import_optional(*modules, needed_for, requirements):
+    """The optional packages a feature needs (the first one is returned), or one line naming the
+    requirements file that installs them, e.g. `video input needs PyAV: pip install -r requirements-video.txt`."""
+    try:
+        return [__import__(module) for module in modules][0]  # builtins' import, as `import` statements use
+    except ImportError:
+        raise UserError(f"{needed_for}: pip install -r {requirements}") from None
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'512x256' -> (512, 256), i.e. (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from runtime import Stopped, UserError, one_line, remove_stale_temp_files, temp_path, write_image_atomically
+from runtime import Stopped, import_optional, one_line, remove_stale_temp_files, temp_path, write_image_atomically
 from unet import mask_and_confidence
 from visualize import overlay
 
@@ -39,11 +39,7 @@ class VideoError(Exception):
 
 def import_av():
     """The av module, or a UserError saying what to install."""
-    try:
-        import av
-        import av.logging
-    except ImportError:
-        raise UserError(f"video input needs PyAV: pip install -r {VIDEO_REQUIREMENTS}") from None
+    av = import_optional("av", "av.logging", needed_for="video input needs PyAV", requirements=VIDEO_REQUIREMENTS)
     av.logging.set_level(av.logging.ERROR)  # decoding damage is reported as ERROR log lines, which we capture
     return av
 
