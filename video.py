@@ -24,7 +24,7 @@ from visualize import overlay
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".ts", ".mts", ".mpg", ".mpeg", ".wmv", ".flv"}
 VIDEO_REQUIREMENTS = "requirements-video.txt"
-ENCODER_OPTIONS = {"crf": "20", "preset": "veryfast"}  # x264: visually clean, and fast enough for 2 cores
+ENCODER_OPTIONS = {"crf": "20", "preset": "superfast"}  # x264: visually clean at 2 cores' speed (docs/video.md)
 FALLBACK_RATE = Fraction(30)  # for the rare stream that records no frame rate
 
 
@@ -233,24 +233,31 @@ def write_frame_files(folder, index, mask, confidence, mask_values):
 
 
 def segment_frames(reader, writer, segmenter, args, mask_values, folder, progress):
-    """The model's loop: batches of decoded frames in, overlay frames to the encoding thread and frame files to
-    the writing threads; at most a few batches are in flight, so memory stays flat."""
+    """The model's loop: batches of decoded frames in, their scores to the finishing thread (smoothing, upsampling,
+    overlay, encoding) and frame files to the writing threads, so the model never waits for them; at most two
+    batches are in flight, so memory stays flat."""
     smoother = Smoother(args.smooth, segmenter.tta != "none")
-    colors, pending = segmenter.class_table.colors, collections.deque()
-    with ThreadPoolExecutor(1) as encoder, ThreadPoolExecutor(args.writer_threads) as files:
+    colors, pending, file_jobs = segmenter.class_table.colors, collections.deque(), collections.deque()
+
+    def finish(batch, batch_scores):
+        for (index, rgb, _), scores in zip(batch, batch_scores):
+            scores, probabilities = smoother(scores)
+            mask, confidence = mask_and_confidence(scores, rgb.shape[:2], probabilities, args.save_confidence)
+            writer.write(overlay(rgb, mask, colors, args.alpha))
+            if folder is not None:
+                file_jobs.append(files.submit(write_frame_files, folder, index, mask, confidence, mask_values))
+                while len(file_jobs) > 4 * args.batch_size:
+                    file_jobs.popleft().result()
+
+    with ThreadPoolExecutor(args.writer_threads) as files, ThreadPoolExecutor(1) as finisher:
         for batch in reader.batches(args.batch_size):
-            batch_scores = segmenter.scores(torch.stack([model_input for _, _, model_input in batch]))
-            for (index, rgb, _), scores in zip(batch, batch_scores):
-                scores, probabilities = smoother(scores)
-                mask, confidence = mask_and_confidence(scores, rgb.shape[:2], probabilities, args.save_confidence)
-                pending.append(encoder.submit(lambda rgb=rgb, mask=mask: writer.write(overlay(rgb, mask, colors,
-                                                                                              args.alpha))))
-                if folder is not None:
-                    pending.append(files.submit(write_frame_files, folder, index, mask, confidence, mask_values))
-            while len(pending) > 4 * args.batch_size:
+            pending.append(finisher.submit(finish, batch, segmenter.scores(torch.stack([item[2] for item in batch]))))
+            while len(pending) > 2:
                 pending.popleft().result()
             progress.update(len(batch))
         for job in pending:
+            job.result()
+        for job in file_jobs:  # complete: the finishing thread has no batch left
             job.result()
 
 

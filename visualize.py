@@ -25,17 +25,31 @@ def colorize(mask, colors) -> np.ndarray:
 
 
 def overlay(image_uint8, mask, colors, alpha=0.5) -> np.ndarray:
-    """Blend the class colours over the image; ignored pixels keep the image. Integer arithmetic in 1/256ths,
-    rounded half to even: float blending's pixels exactly for alphas in 1/256ths (0.5, 0.25), else within 1, and
-    several times faster."""
-    image = _as_numpy(image_uint8).astype(np.uint16)
-    mask = _as_numpy(mask)
-    weight = int(round(alpha * 256))
-    sum256 = image * (256 - weight) + colorize(mask, colors).astype(np.uint16) * weight
+    """Blend the class colours over the image; ignored pixels keep the image, unknown ids blend with black. Integer
+    arithmetic in 1/256ths, rounded half to even: float blending's pixels exactly for alphas in 1/256ths (0.5,
+    0.25), else within 1. Each (class, channel, value) is blended once into a table the pixels index: video
+    overlays every frame, and one table lookup a pixel is the cheapest exact way."""
+    image, mask = _as_numpy(image_uint8), _as_numpy(mask)
+    table = blend_table(np.asarray(colors, np.uint16).reshape(-1, 3), int(round(alpha * 256)))
+    rows = np.full(256, len(colors), np.uint32)  # class id -> table row: the classes, black, then the image itself
+    rows[: len(colors)] = np.arange(len(colors))
+    rows[IGNORE_INDEX] = len(colors) + 1
+    row = rows[mask if mask.dtype == np.uint8 else mask.astype(np.int64).clip(0, 255)]
+    index_type = np.uint16 if table.size <= 2 ** 16 else np.uint32
+    index = (row.astype(index_type) * 3)[..., None] + np.arange(3, dtype=index_type)
+    index <<= 8
+    index |= image
+    return table[index]
+
+
+def blend_table(palette, weight) -> np.ndarray:
+    """Flat uint8 table of (C + 2) x 3 x 256 blends, row r channel c value v at (3 r + c) * 256 + v: the C colours
+    and black at weight / 256 over the value, then the value itself."""
+    values = np.arange(256, dtype=np.uint16)
+    sum256 = values * (256 - weight) + np.concatenate([palette, np.zeros((1, 3), np.uint16)])[..., None] * weight
     blended, remainder = sum256 >> 8, sum256 & 255
     blended += (remainder > 128) | ((remainder == 128) & (blended & 1).astype(bool))
-    labelled = (mask != IGNORE_INDEX)[..., None]
-    return np.where(labelled, blended, image).astype(np.uint8)
+    return np.concatenate([blended, np.broadcast_to(values, (1, 3, 256))]).astype(np.uint8).reshape(-1)
 
 
 def legend_image(class_table, row_height=20, width=200) -> np.ndarray:

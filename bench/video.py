@@ -2,15 +2,16 @@
 
     python -m bench.video --frames_dir ../shared/camvid/val --checkpoint unet_model.pth
     python -m bench.video --frames_dir ../shared/camvid/val --rss_minutes 1 10
+    python -m bench.video --frames_dir ../shared/camvid/val --checkpoint unet_model.pth --stages
 
 Speed: a --seconds clip at --rate made from --frames_dir's photos (consecutive frames of one drive, looped), timed
 round-robin: inference.py on the video file (decode, resize, model, upsample, argmax, overlay, H.264 encode) against
 the model alone (Segmenter.scores in batches of --batch_size) on the same frames already decoded and resized in
 memory. Without --checkpoint the model is an untrained one of the camvid preset's architecture and size: speed does
 not depend on the weights. Memory: the peak resident set of inference.py on clips of each --rss_minutes length.
+Stages: each step of the video path timed alone, in one thread and in all, to show where the CPU goes.
 """
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from bench import harness
 from config import PRESETS
 from dataset import read_photo
 from runtime import size_arg
-from unet import UNet, save_weights
+from unet import UNet, mask_and_confidence, save_weights
+from visualize import overlay
 
 BENCH_OUT = Path(__file__).resolve().parent / "out" / "video"
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +47,8 @@ def parse_args():
     parser.add_argument("--rss_minutes", type=float, nargs="*", default=[],
                         help="also measure peak RSS of inference.py on clips this many minutes long (default: none)")
     parser.add_argument("--rss_checkpoint", help="model for the RSS runs (default: the speed test's model)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time each stage of the video path alone, in one thread and in all (default: off)")
     return parser.parse_args()
 
 
@@ -115,17 +119,74 @@ def speed(args, checkpoint, clip, count):
             for name in times}
 
 
+def stage_times(checkpoint, clip, batch_size):
+    """[(stage, wall ms a frame, CPU ms a frame)] for each step of the video path run alone over the clip: where
+    the CPU goes, and so what is left for the model when everything shares the same cores."""
+    av, segmenter = video.import_av(), inference.Segmenter(checkpoint, device="cpu")
+    with av.open(str(clip)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    inputs = [segmenter.model_input(frame) for frame in frames]
+    scores = [score for start in range(0, len(inputs), batch_size)
+              for score in segmenter.scores(torch.stack(inputs[start:start + batch_size]))]
+    masks = [mask_and_confidence(score, frame.shape[:2])[0] for score, frame in zip(scores, frames)]
+    overlays = [overlay(frame, mask, segmenter.class_table.colors) for frame, mask in zip(frames, masks)]
+
+    def decode():
+        with av.open(str(clip)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "SLICE"  # as video.py decodes
+            for frame in container.decode(stream):
+                frame.reformat(format="rgb24").to_ndarray()
+
+    def encode():
+        path = BENCH_OUT / "stages.mp4"
+        writer = video.OverlayWriter(av, path, frames[0].shape[1], frames[0].shape[0], 30)
+        for picture in overlays:
+            writer.write(picture)
+        writer.close(path)
+
+    stages = {"decode to RGB": decode,
+              "resize and normalise": lambda: [segmenter.model_input(frame) for frame in frames],
+              f"model (batches of {batch_size})": lambda: [segmenter.scores(torch.stack(inputs[start:start + batch_size]))
+                                                           for start in range(0, len(inputs), batch_size)],
+              "upsample and argmax": lambda: [mask_and_confidence(score, frame.shape[:2]) for score, frame in
+                                              zip(scores, frames)],
+              "overlay": lambda: [overlay(frame, mask, segmenter.class_table.colors) for frame, mask in
+                                  zip(frames, masks)],
+              "H.264 encode": encode}
+    rows, threads = [], torch.get_num_threads()
+    for name, stage in stages.items():
+        cells = [name]
+        for count in (1, threads):
+            torch.set_num_threads(count)
+            stage()  # warm up
+            wall, cpu = time.perf_counter(), time.process_time()
+            stage()
+            cells += [f"{1000 * (time.perf_counter() - wall) / len(frames):.1f}",
+                      f"{1000 * (time.process_time() - cpu) / len(frames):.1f}"]
+        rows.append(cells)
+    torch.set_num_threads(threads)
+    return rows
+
+
+# inference.py run so that it reports its own peak: the kernel's VmHWM of the process after exec. wait4's ru_maxrss
+# would also count the forked copy of this (much larger) benchmark process before exec.
+PEAK_REPORTER = ("import atexit, runpy, sys; atexit.register(lambda: print(next(line for line in open('/proc/self/status') "
+                 "if line.startswith('VmHWM')), file=sys.stderr)); sys.argv = sys.argv[1:]; "
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def peak_rss_mib(checkpoint, clip, batch_size):
-    """Peak resident set of one inference.py process on the clip (wait4's ru_maxrss is this child's alone)."""
-    process = subprocess.Popen([sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint),
-                                "--device", "cpu", "--input", str(clip), "--output", str(BENCH_OUT / "rss"),
-                                "--batch_size", str(batch_size)], stdout=subprocess.DEVNULL)
+    """Peak resident set of one inference.py process on the clip, and its wall time."""
     start = time.perf_counter()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise ValueError(f"inference.py failed on {clip} (exit status {process.returncode})")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
+    result = subprocess.run([sys.executable, "-c", PEAK_REPORTER, str(REPO / "inference.py"), "--checkpoint",
+                             str(checkpoint), "--device", "cpu", "--input", str(clip), "--output",
+                             str(BENCH_OUT / "rss"), "--batch_size", str(batch_size)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [line for line in result.stderr.splitlines() if line.startswith("VmHWM")]
+    if result.returncode != 0 or not peak:
+        raise ValueError(f"inference.py failed on {clip} (exit status {result.returncode})")
+    return int(peak[-1].split()[1]) / 1024, time.perf_counter() - start
 
 
 def run(args):
@@ -145,6 +206,10 @@ def run(args):
              f"{video_fps / model_fps:.2f}", f"{video_cpu:.0f}", f"{model_cpu:.0f}", f"{model_cpu / video_cpu:.2f}"]]
     print(harness.format_table(["clip", "inference.py on the video (fps)", "model alone (fps)", "ratio",
                                 "video CPU ms/frame", "model CPU ms/frame", "CPU ratio"], rows))
+    if args.stages:
+        print(harness.format_table(["stage", "1 thread: wall ms/frame", "CPU ms/frame",
+                                    f"{torch.get_num_threads()} threads: wall ms/frame", "CPU ms/frame"],
+                                   stage_times(checkpoint, clip, args.batch_size)))
     rss_rows = []
     for minutes in args.rss_minutes:
         long_clip = make_clip(BENCH_OUT / f"clip_{minutes:g}min.mp4", photos, round(minutes * 60 * args.rate),

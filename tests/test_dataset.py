@@ -532,6 +532,26 @@ def test_colorize_and_overlay_by_hand():
     assert blended.tolist() == [[[114, 82, 114], [50, 50, 121]], [[100, 100, 100], [110, 56, 66]]]
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.3, 1.0])
+def test_overlay_equals_float_blending_rounded_half_to_even(alpha):
+    """Against the plain float blend: exact for alphas in 1/256ths, within 1 otherwise; ignored pixels keep the
+    image, ids without a colour blend with black, for uint8 and int64 masks alike."""
+    rng = np.random.default_rng(3)
+    colors = rng.integers(0, 256, (19, 3))
+    image = rng.integers(0, 256, (31, 45, 3), dtype=np.uint8)
+    mask = rng.integers(0, 25, (31, 45))
+    mask[:4] = IGNORE_INDEX
+    weight = round(alpha * 256) / 256
+    palette = np.zeros((256, 3))
+    palette[:19] = colors
+    expected = np.round(image * (1 - weight) + palette[mask] * weight)
+    expected[mask == IGNORE_INDEX] = image[mask == IGNORE_INDEX]
+    for labels in (mask, mask.astype(np.uint8), torch.from_numpy(mask)):
+        blended = overlay(image, labels, colors, alpha)
+        assert blended.dtype == np.uint8 and blended.shape == image.shape
+        np.testing.assert_array_equal(blended, expected)
+
+
 def test_legend_image_rows_carry_class_colours():
     table = ClassTable.from_names()
     legend = legend_image(table)

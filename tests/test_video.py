@@ -202,6 +202,49 @@ def test_damaged_and_unreadable_videos_get_one_line_each_and_the_rest_is_written
     assert not [path for path in output.rglob("*") if path.name.startswith(".")]
 
 
+def test_skip_existing_keeps_a_damaged_videos_overlay_of_the_frames_before_the_damage(tmp_path, checkpoint, capsys):
+    """The overlay of a damaged video holds every frame that can be decoded, so a rerun after an interrupted job
+    leaves it (and its frames' masks) as they are and writes only what is missing."""
+    inputs, output = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    cut_in_half(write_video(inputs / "damaged.mkv", noisy_frames(40), container_format="matroska"))
+    Image.fromarray(noise(np.random.default_rng(1), 40, 64)).save(inputs / "photo.png")
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output, "--frames") == 1
+    kept = len(decoded_frames(output / "damaged_overlay.mp4"))
+    assert 5 <= kept < 20 and len(list((output / "damaged").glob("*_mask.png"))) == kept
+    before = {name: (digest, (output / name).stat().st_mtime_ns) for name, digest in file_hashes(output).items()}
+    (output / "photo_mask.png").unlink()  # as if the job had been killed before the photo's last file
+    capsys.readouterr()
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output, "--frames", "--skip_existing") == 0
+    assert "1 written, 0 skipped, 1 already done" in capsys.readouterr().out
+    after = {name: (digest, (output / name).stat().st_mtime_ns) for name, digest in file_hashes(output).items()}
+    assert after.keys() == before.keys()
+    assert all(after[name] == before[name] for name in after if not name.startswith("photo_"))
+    assert after["photo_mask.png"][0] == before["photo_mask.png"][0]
+
+
+def test_a_frame_size_that_changes_mid_stream_keeps_the_first_size_and_every_frame(tmp_path, checkpoint, capsys):
+    """A recording whose resolution changes part way (two transport streams joined, as a recorder's segments
+    are): the overlay keeps the first frame's size, every frame is in it in order, and each later frame is
+    segmented as a photo of it scaled to that size."""
+    first = write_video(tmp_path / "first.ts", moving_frames(10), container_format="mpegts")
+    second = write_video(tmp_path / "second.ts", moving_frames(12, 96, 128, seed=1), container_format="mpegts")
+    joined = tmp_path / "inputs" / "joined.ts"
+    joined.parent.mkdir()
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    output = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--input", joined, "--output", output, "--frames") == 0
+    assert "warning" not in capsys.readouterr().err
+    with av.open(str(joined)) as container:
+        frames = [frame.reformat(64, 48, format="rgb24").to_ndarray() for frame in container.decode(video=0)]
+    overlays = decoded_frames(output / "joined_overlay.mp4")
+    assert len(frames) == len(overlays) == 22 and {overlay.shape for overlay in overlays} == {(48, 64, 3)}
+    segmenter = inference.Segmenter(checkpoint, device="cpu")
+    for index, frame in enumerate(frames):
+        np.testing.assert_array_equal(np.array(Image.open(output / "joined" / f"{index:06d}_mask.png")),
+                                      segmenter(frame))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_an_unreadable_video_is_one_line(tmp_path, checkpoint, capsys):
     path = write_video(tmp_path / "locked.mp4", moving_frames(3))
