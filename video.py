@@ -1,6 +1,7 @@
 """Video files through inference.py: frames are decoded, segmented in batches exactly as photos are, and the
-palette over each frame is encoded as H.264, all three at once (a decoding thread, the model, an encoding thread,
-joined by small queues), so memory stays flat whatever the video's length.
+palette over each frame is encoded as H.264, all three at once (a decoding thread, the model alone in the main
+thread, a thread that finishes each frame: upsampling, argmax, overlay, encoding; joined by small queues), so
+memory stays flat whatever the video's length.
 
     python inference.py --input drive.mp4            # -> OUTPUT/drive_overlay.mp4
     python inference.py --input drive.mp4 --frames   # also OUTPUT/drive/000000_mask.png, ...
