@@ -121,38 +121,38 @@ def speed(args, checkpoint, clip, count):
 
 def stage_times(checkpoint, clip, batch_size):
     """[(stage, wall ms a frame, CPU ms a frame)] for each step of the video path run alone over the clip: where
-    the CPU goes, and so what is left for the model when everything shares the same cores."""
+    the CPU goes, and so what is left for the model when everything shares the same cores. The stages run in
+    order, each keeping its output for the next."""
     av, segmenter = video.import_av(), inference.Segmenter(checkpoint, device="cpu")
-    with av.open(str(clip)) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    inputs = [segmenter.model_input(frame) for frame in frames]
-    scores = [score for start in range(0, len(inputs), batch_size)
-              for score in segmenter.scores(torch.stack(inputs[start:start + batch_size]))]
-    masks = [mask_and_confidence(score, frame.shape[:2])[0] for score, frame in zip(scores, frames)]
-    overlays = [overlay(frame, mask, segmenter.class_table.colors) for frame, mask in zip(frames, masks)]
+    data = {}
 
     def decode():
         with av.open(str(clip)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "SLICE"  # as video.py decodes
-            for frame in container.decode(stream):
-                frame.reformat(format="rgb24").to_ndarray()
+            data["frames"] = [frame.reformat(format="rgb24").to_ndarray() for frame in container.decode(stream)]
+
+    def model():
+        inputs = data["inputs"]
+        data["scores"] = [score for start in range(0, len(inputs), batch_size)
+                          for score in segmenter.scores(torch.stack(inputs[start:start + batch_size]))]
 
     def encode():
-        path = BENCH_OUT / "stages.mp4"
-        writer = video.OverlayWriter(av, path, frames[0].shape[1], frames[0].shape[0], 30)
-        for picture in overlays:
+        path, (height, width) = BENCH_OUT / "stages.mp4", data["frames"][0].shape[:2]
+        writer = video.OverlayWriter(av, path, width, height, 30)
+        for picture in data["overlays"]:
             writer.write(picture)
         writer.close(path)
 
     stages = {"decode to RGB": decode,
-              "resize and normalise": lambda: [segmenter.model_input(frame) for frame in frames],
-              f"model (batches of {batch_size})": lambda: [segmenter.scores(torch.stack(inputs[start:start + batch_size]))
-                                                           for start in range(0, len(inputs), batch_size)],
-              "upsample and argmax": lambda: [mask_and_confidence(score, frame.shape[:2]) for score, frame in
-                                              zip(scores, frames)],
-              "overlay": lambda: [overlay(frame, mask, segmenter.class_table.colors) for frame, mask in
-                                  zip(frames, masks)],
+              "resize and normalise": lambda: data.update(inputs=[segmenter.model_input(frame)
+                                                                  for frame in data["frames"]]),
+              f"model (batches of {batch_size})": model,
+              "upsample and argmax": lambda: data.update(masks=[mask_and_confidence(score, frame.shape[:2])[0]
+                                                                for score, frame in zip(data["scores"],
+                                                                                        data["frames"])]),
+              "overlay": lambda: data.update(overlays=[overlay(frame, mask, segmenter.class_table.colors)
+                                                       for frame, mask in zip(data["frames"], data["masks"])]),
               "H.264 encode": encode}
     rows, threads = [], torch.get_num_threads()
     for name, stage in stages.items():
@@ -162,8 +162,8 @@ def stage_times(checkpoint, clip, batch_size):
             stage()  # warm up
             wall, cpu = time.perf_counter(), time.process_time()
             stage()
-            cells += [f"{1000 * (time.perf_counter() - wall) / len(frames):.1f}",
-                      f"{1000 * (time.process_time() - cpu) / len(frames):.1f}"]
+            cells += [f"{1000 * (time.perf_counter() - wall) / len(data['frames']):.1f}",
+                      f"{1000 * (time.process_time() - cpu) / len(data['frames']):.1f}"]
         rows.append(cells)
     torch.set_num_threads(threads)
     return rows
