@@ -22,14 +22,12 @@ NAME_overlay.jpg (and with --save_confidence NAME_confidence.png); a video NAME.
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import glob
 import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,8 +43,8 @@ from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAG
                      Indexed, SegmentationDataset, collate_indexed, default_palette, open_layout, photo_to_rgb,
                      read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
-from onnx_runtime import OnnxPredictor, calibration_photos, import_onnxruntime, quantize_int8
-from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, import_optional, one_line, remove_stale_temp_files,
+from onnx_runtime import EXPORT_REQUIREMENTS, OnnxPredictor, export_onnx
+from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, one_line, remove_stale_temp_files,
                      resolve_device, run_cli, size_arg, write_image_atomically)
 from unet import (TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
                   upsample_confidence)
@@ -433,60 +431,6 @@ def evaluate_split(args, segmenter):
     plot_confusion_matrix(confusion.matrix, names, output_dir / f"confusion_matrix_{args.split}.png")
     print(f"report -> {report_path}")
     return 0
-
-
-# ----------------------------------------------------------------------------- ONNX export
-
-EXPORT_REQUIREMENTS = "requirements-export.txt"
-
-
-def export_onnx(segmenter, path, int8_data_root=None):
-    """Write the model as inference runs it (BatchNorm folded, float32) to an ONNX file: input `image`, a
-    normalised float32 (N, 3, H, W) batch of any N, H and W; output `logits`, (N, C, H, W); the class names and
-    colours, training size and normalisation in the model's metadata. With int8_data_root: statically quantized
-    to int8, calibrated on up to 100 of its train photos (onnx_runtime.quantize_int8)."""
-    onnx = import_optional("onnx", "onnxscript", needed_for="--export needs the onnx and onnxscript packages",
-                           requirements=EXPORT_REQUIREMENTS)  # torch.onnx's exporter needs onnxscript
-    if int8_data_root:
-        import_onnxruntime("--int8")
-    if isinstance(segmenter, OnnxPredictor) and not int8_data_root:
-        raise UserError(f"--export: {segmenter.path} is already an ONNX model (add --int8 to quantize it)")
-    if int8_data_root:  # read the photos first: a folder without any is an error before the slow export
-        calibration = calibration_photos(int8_data_root, segmenter.image_size, segmenter.mean, segmenter.std)
-    exported = onnx.load(segmenter.path) if isinstance(segmenter, OnnxPredictor) else float_onnx(segmenter, onnx)
-    precision = "float32"
-    if int8_data_root:
-        exported = quantize_int8(exported, calibration)
-        precision = f"int8 (calibrated on {len(calibration)} train photos)"
-    atomic_write(path, lambda file: file.write(exported.SerializeToString()))
-    width, height = segmenter.image_size
-    classes = segmenter.class_table.num_classes
-    print(f"{path}: {precision} ONNX model of {classes} classes, trained at {width}x{height}; input image "
-          f"(batch, 3, height, width) normalised, output logits (batch, {classes}, height, width)")
-    return 0
-
-
-def float_onnx(segmenter, onnx):
-    """The segmenter's PyTorch model exported by torch.onnx, with named dynamic axes and the metadata."""
-    model = copy.deepcopy(segmenter.model).float().to("cpu", memory_format=torch.contiguous_format)
-    width, height = segmenter.image_size
-    example = torch.zeros(2, 3, height, width)
-    dynamic = torch.export.Dim.DYNAMIC
-    with tempfile.TemporaryDirectory() as folder:
-        torch.onnx.export(model, (example,), f"{folder}/model.onnx", dynamo=True, input_names=["image"],
-                          output_names=["logits"], dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}})
-        exported = onnx.load(f"{folder}/model.onnx")
-    for value in (*exported.graph.input, *exported.graph.output):
-        for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
-            value.type.tensor_type.shape.dim[axis].dim_param = name
-    table = segmenter.class_table
-    onnx.helper.set_model_props(exported, {
-        "class_names": json.dumps(table.names), "class_colors": json.dumps(table.colors.tolist()),
-        "image_size": json.dumps(list(segmenter.image_size)), "mean": json.dumps(list(segmenter.mean)),
-        "std": json.dumps(list(segmenter.std)), "dataset": json.dumps(segmenter.dataset),
-        "preprocessing": "RGB resized to image_size (width, height), scaled to [0, 1], minus mean, divided by std, "
-                         "NCHW float32; masks: argmax over the logits upsampled to the photo's size"})
-    return exported
 
 
 # ----------------------------------------------------------------------------- command line

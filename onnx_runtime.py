@@ -1,4 +1,5 @@
-"""ONNX models of this project through ONNX Runtime: a Predictor that runs one, and the int8 (static, QDQ) quantizer.
+"""ONNX models of this project: the export (torch.onnx, with the metadata), a Predictor that runs one through ONNX
+Runtime, and the int8 (static, QDQ) quantizer.
 
     python inference.py --checkpoint unet_model.onnx ...               # any inference.py run, through ONNX Runtime
     python inference.py --export unet_int8.onnx --int8 --data_root PATH  # calibrated on up to 100 train photos
@@ -6,6 +7,7 @@
 ONNX Runtime is optional (pip install -r requirements-onnxruntime.txt): this module imports it only when a model
 is opened or quantized, and training never imports this module.
 """
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from dataset import DatasetError, open_layout, read_image, to_model_input
-from runtime import UserError, import_optional
+from runtime import UserError, atomic_write, import_optional
 from unet import TTA_SCALES, Predictor
 
 ONNXRUNTIME_REQUIREMENTS = "requirements-onnxruntime.txt"
@@ -52,7 +54,7 @@ def open_session(path, threads=None):
 
 
 def read_metadata(session, path):
-    """{class_names, class_colors, image_size, mean, std, dataset} as inference.export_onnx records them."""
+    """{class_names, class_colors, image_size, mean, std, dataset} as export_onnx below records them."""
     stored = session.get_modelmeta().custom_metadata_map
     missing = [key for key in METADATA_KEYS if key not in stored]
     if missing:
@@ -129,3 +131,57 @@ def quantize_int8(float_model, calibration_inputs):
         quantized = onnx.load(f"{folder}/int8.onnx")
     onnx.helper.set_model_props(quantized, {prop.key: prop.value for prop in float_model.metadata_props})
     return quantized
+
+
+# ----------------------------------------------------------------------------- ONNX export
+
+EXPORT_REQUIREMENTS = "requirements-export.txt"
+
+
+def export_onnx(segmenter, path, int8_data_root=None):
+    """Write the model as inference runs it (BatchNorm folded, float32) to an ONNX file: input `image`, a
+    normalised float32 (N, 3, H, W) batch of any N, H and W; output `logits`, (N, C, H, W); the class names and
+    colours, training size and normalisation in the model's metadata. With int8_data_root: statically quantized
+    to int8, calibrated on up to 100 of its train photos (onnx_runtime.quantize_int8)."""
+    onnx = import_optional("onnx", "onnxscript", needed_for="--export needs the onnx and onnxscript packages",
+                           requirements=EXPORT_REQUIREMENTS)  # torch.onnx's exporter needs onnxscript
+    if int8_data_root:
+        import_onnxruntime("--int8")
+    if isinstance(segmenter, OnnxPredictor) and not int8_data_root:
+        raise UserError(f"--export: {segmenter.path} is already an ONNX model (add --int8 to quantize it)")
+    if int8_data_root:  # read the photos first: a folder without any is an error before the slow export
+        calibration = calibration_photos(int8_data_root, segmenter.image_size, segmenter.mean, segmenter.std)
+    exported = onnx.load(segmenter.path) if isinstance(segmenter, OnnxPredictor) else float_onnx(segmenter, onnx)
+    precision = "float32"
+    if int8_data_root:
+        exported = quantize_int8(exported, calibration)
+        precision = f"int8 (calibrated on {len(calibration)} train photos)"
+    atomic_write(path, lambda file: file.write(exported.SerializeToString()))
+    width, height = segmenter.image_size
+    classes = segmenter.class_table.num_classes
+    print(f"{path}: {precision} ONNX model of {classes} classes, trained at {width}x{height}; input image "
+          f"(batch, 3, height, width) normalised, output logits (batch, {classes}, height, width)")
+    return 0
+
+
+def float_onnx(segmenter, onnx):
+    """The segmenter's PyTorch model exported by torch.onnx, with named dynamic axes and the metadata."""
+    model = copy.deepcopy(segmenter.model).float().to("cpu", memory_format=torch.contiguous_format)
+    width, height = segmenter.image_size
+    example = torch.zeros(2, 3, height, width)
+    dynamic = torch.export.Dim.DYNAMIC
+    with tempfile.TemporaryDirectory() as folder:
+        torch.onnx.export(model, (example,), f"{folder}/model.onnx", dynamo=True, input_names=["image"],
+                          output_names=["logits"], dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}})
+        exported = onnx.load(f"{folder}/model.onnx")
+    for value in (*exported.graph.input, *exported.graph.output):
+        for axis, name in ((0, "batch"), (2, "height"), (3, "width")):
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+    table = segmenter.class_table
+    onnx.helper.set_model_props(exported, {
+        "class_names": json.dumps(table.names), "class_colors": json.dumps(table.colors.tolist()),
+        "image_size": json.dumps(list(segmenter.image_size)), "mean": json.dumps(list(segmenter.mean)),
+        "std": json.dumps(list(segmenter.std)), "dataset": json.dumps(segmenter.dataset),
+        "preprocessing": "RGB resized to image_size (width, height), scaled to [0, 1], minus mean, divided by std, "
+                         "NCHW float32; masks: argmax over the logits upsampled to the photo's size"})
+    return exported

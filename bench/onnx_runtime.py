@@ -27,7 +27,7 @@ import inference
 from bench import harness
 from config import REAL_PHOTOS
 from dataset import CAMVID_CLASSES, MEAN, STD, open_layout, read_photo
-from onnx_runtime import calibration_photos, quantize_int8
+from onnx_runtime import calibration_photos, export_onnx, quantize_int8
 from runtime import cpu_has_native_bf16, parse_size
 from unet import UNet, save_weights, upsample_argmax
 
@@ -67,7 +67,7 @@ def segmenters(args, checkpoint, photos):
     """{name: Segmenter} of the candidates; the ONNX files are exported from `checkpoint` first."""
     torch_model = inference.Segmenter(checkpoint, device="cpu", amp="off")
     float_path, int8_path = BENCH_OUT / "model.onnx", BENCH_OUT / "model_int8.onnx"
-    inference.export_onnx(torch_model, float_path)
+    export_onnx(torch_model, float_path)
     calibration = calibration_photos(args.data_root, torch_model.image_size, torch_model.mean, torch_model.std) \
         if args.data_root else [torch_model.model_input(read_photo(path))[None].numpy() for path in photos]
     int8 = quantize_int8(onnx.load(float_path), calibration)
