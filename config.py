@@ -21,7 +21,7 @@ from dataset import detect_layout, has_cityscapes, no_dataset_error
 from losses import median_frequency_weights
 from runtime import DEFAULT_IMAGE_SIZE, UserError, atomic_write, parse_size
 from synthetic_city import read_settings as synthetic_city_settings
-from unet import WEIGHTS_FILE
+from unet import INPUT_NORMS, WEIGHTS_FILE
 
 DATASETS = ("auto", "cityscapes", "camvid", "folder", "synthetic")
 COMPUTED_CLASS_WEIGHTS = ("auto", "sqrt")  # --class_weights computed from the train masks
@@ -75,6 +75,9 @@ class TrainConfig:
     depth: int = option(4, "U-Net down-sampling stages", "model and loss", type=int)
     dropout: float = option(0.1, "Dropout2d probability at the bottleneck", "model and loss", type=float)
     bilinear: bool = option(False, "bilinear upsampling instead of transposed convs", "model and loss", **SWITCH)
+    input_norm: str = option("dataset", "input normalisation: dataset = the dataset's mean and std only; photo = then "
+                             "each photo by its own mean and std (inside the model, so inference and ONNX do it too): "
+                             "blind to a drive's exposure and contrast", "model and loss", choices=INPUT_NORMS)
     sync_bn: bool = option(False, "DDP on GPUs: BatchNorm statistics over all ranks' micro-batches", "model and loss",
                            **SWITCH)
     class_weights: str = option("none", "per-class weights of the CE term (the Dice term already gives every class "

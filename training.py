@@ -127,7 +127,7 @@ def build_training(config, num_classes, device, memory_format, amp_dtype):
     """U-Net (the same initial weights on every rank), AdamW, LR schedule and GradScaler (fp16 only). With
     --logit_adjustment the head's bias starts at minus the loss's logit shift (losses.logit_shift)."""
     torch.manual_seed(config.seed)
-    model = UNet(3, num_classes, config.base_channels, config.depth, config.dropout, config.bilinear)
+    model = UNet(3, num_classes, config.base_channels, config.depth, config.dropout, config.bilinear, config.input_norm)
     if config.logit_adjustment and config.class_weight_values:
         with torch.no_grad():
             model.head.bias -= logit_shift(config.class_weight_values, config.logit_adjustment)

@@ -56,21 +56,37 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
+INPUT_NORMS = ("dataset", "photo")
+
+
+def standardize_photos(x):
+    """(N, C, H, W) -> each photo minus its own mean, divided by its own standard deviation (over all its pixels and
+    channels): a photo twice as bright or with half the contrast gives the same input, so an unseen drive's exposure
+    does not matter; colour differences between channels are kept."""
+    mean = x.mean((1, 2, 3), keepdim=True)
+    std = x.std((1, 2, 3), keepdim=True, correction=0)
+    return (x - mean) / (std + 1e-5)
+
+
 class UNet(nn.Module):
     """(N, in_channels, H, W) float images -> (N, num_classes, H, W) logits, for any H, W >= 1.
 
     Stage widths are base_channels * 2**i for i = 0..depth; bilinear=True halves the bottleneck and the
     decoder (milesial's layout, ~17 M instead of ~31 M parameters for the classic config). One Dropout2d sits
     on the bottleneck, where most parameters are; the skips keep the fine detail that boundaries need.
+    input_norm="photo" first standardises each photo by its own statistics (standardize_photos).
     forward() zero-pads the bottom and right edges to a multiple of 2**depth and crops the logits back
     (the original project needed sizes divisible by 16): zero is the mean colour after normalisation, and what every
     3x3 conv pads with. In train mode BatchNorm needs N * ceil(H / 2**depth) * ceil(W / 2**depth) > 1.
     """
 
-    def __init__(self, in_channels=3, num_classes=19, base_channels=64, depth=4, dropout=0.1, bilinear=False):
+    def __init__(self, in_channels=3, num_classes=19, base_channels=64, depth=4, dropout=0.1, bilinear=False,
+                 input_norm="dataset"):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {input_norm!r}: expected one of {', '.join(INPUT_NORMS)}")
         self._config = dict(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels,
-                            depth=depth, dropout=dropout, bilinear=bilinear)
+                            depth=depth, dropout=dropout, bilinear=bilinear, input_norm=input_norm)
         widths = [base_channels * 2**i for i in range(depth + 1)]
         halve = 2 if bilinear else 1
         self.inc = DoubleConv(in_channels, widths[0])
@@ -99,6 +115,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expects input of shape (N, {in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"UNet expects a floating-point (normalised) input, got {x.dtype}")
+        if self._config["input_norm"] == "photo":
+            x = standardize_photos(x)
         height, width = x.shape[-2:]
         multiple = 2 ** self._config["depth"]
         x = F.pad(x, (0, -width % multiple, 0, -height % multiple))

@@ -27,7 +27,7 @@ import dataset
 from dataset import ClassTable, SegmentationDataset
 from losses import CEDiceLoss, median_frequency_weights
 from lr_schedule import lr_at
-from unet import UNet
+from unet import UNet, load_weights
 from conftest import TINY, load, records, tiny_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -523,6 +523,16 @@ def test_dice_per_image_reaches_the_loss_and_is_off_by_default(city, tmp_path, m
     training.main(tiny_args(city, tmp_path / "on", "--training_iterations", "1", "--dice_per_image"))
     assert built == [(0, 2, 3), (2, 3)]
     assert json.loads((tmp_path / "on" / "config.json").read_text())["dice_per_image"] is True
+
+
+def test_input_norm_photo_reaches_the_model_the_weights_file_and_config_json(city, tmp_path):
+    training.main(tiny_args(city, tmp_path / "run", "--training_iterations", "1", "--input_norm", "photo",
+                            "--model_path", str(tmp_path / "photo.pth")))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["input_norm"] == "photo"
+    model = load_weights(tmp_path / "photo.pth").model
+    photos = torch.randn(2, 3, 16, 32)
+    with torch.no_grad():  # what inference gets from the file: a model blind to a photo's exposure and contrast
+        torch.testing.assert_close(model(photos), model(3 * photos + 1), atol=1e-4, rtol=1e-4)
 
 
 def test_lovasz_weight_adds_the_lovasz_term_to_every_step_and_is_off_by_default(city, tmp_path, monkeypatch):

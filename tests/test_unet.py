@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet import UNet
+from unet import UNet, load_weights, save_weights
 
 
 def tiny_unet(**kwargs):
@@ -130,9 +130,27 @@ def test_integer_input_raises():
         tiny_unet()(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
+def test_photo_input_norm_makes_the_model_blind_to_exposure_and_contrast(tmp_path):
+    torch.manual_seed(0)
+    photos = torch.randn(2, 3, 20, 24)
+    brighter = photos * torch.tensor([2.0, 0.5]).view(2, 1, 1, 1) + torch.tensor([1.5, -0.7]).view(2, 1, 1, 1)
+    for input_norm, blind in (("photo", True), ("dataset", False)):
+        torch.manual_seed(1)
+        model = UNet(3, 5, base_channels=4, depth=2, input_norm=input_norm).eval()
+        with torch.no_grad():
+            same = torch.allclose(model(photos), model(brighter), atol=1e-4)
+        assert same == blind, input_norm
+    save_weights(tmp_path / "m.pth", UNet(3, 5, base_channels=4, depth=2, input_norm="photo"), class_names=list("abcde"),
+                 class_colors=[(0, 0, 0)] * 5, image_size=(24, 20), mean=(0.5,) * 3, std=(0.2,) * 3, dataset=None)
+    assert load_weights(tmp_path / "m.pth").model.config["input_norm"] == "photo"
+    with pytest.raises(ValueError, match="input_norm 'image'"):
+        UNet(input_norm="image")
+
+
 def test_config_rebuilds_the_same_model():
     model = tiny_unet(bilinear=True, dropout=0.2)
-    assert model.config == dict(in_channels=3, num_classes=5, base_channels=4, depth=3, dropout=0.2, bilinear=True)
+    assert model.config == dict(in_channels=3, num_classes=5, base_channels=4, depth=3, dropout=0.2, bilinear=True,
+                                input_norm="dataset")
     model.config["depth"] = 99  # a copy: callers cannot corrupt the model's record
     rebuilt = UNet(**model.config)
     rebuilt.load_state_dict(model.state_dict())
