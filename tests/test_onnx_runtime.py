@@ -83,6 +83,20 @@ def test_an_onnx_checkpoint_writes_the_masks_of_its_pytorch_checkpoint(models, t
                                rtol=1e-4, atol=1e-4)
 
 
+def test_a_photo_normalising_model_exports_its_normalisation(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(3, len(NAMES), base_channels=4, depth=2, input_norm="photo").eval()
+    save_weights(tmp_path / "photo.pth", model, class_names=NAMES, class_colors=[c for _, c in FOLDER_CLASSES],
+                 image_size=SIZE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dataset="folder")
+    assert run("--checkpoint", tmp_path / "photo.pth", "--export", tmp_path / "photo.onnx", "--device", "cpu") == 0
+    deployed = inference.Segmenter(tmp_path / "photo.onnx")
+    inputs = torch.randn(2, 3, SIZE[1], SIZE[0])
+    with torch.no_grad():
+        expected = model(inputs)
+    torch.testing.assert_close(deployed.logits(inputs), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(deployed.logits(2 * inputs - 1), expected, rtol=1e-4, atol=1e-4)  # blind to exposure
+
+
 def test_evaluate_scores_an_onnx_model_as_its_pytorch_checkpoint(models, tmp_path):
     root, weights, float_onnx, int8 = models
     reports = {}
