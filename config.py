@@ -75,9 +75,10 @@ class TrainConfig:
     depth: int = option(4, "U-Net down-sampling stages", "model and loss", type=int)
     dropout: float = option(0.1, "Dropout2d probability at the bottleneck", "model and loss", type=float)
     bilinear: bool = option(False, "bilinear upsampling instead of transposed convs", "model and loss", **SWITCH)
-    input_norm: str = option("dataset", "input normalisation: dataset = the dataset's mean and std only; photo = then "
-                             "each photo by its own mean and std (inside the model, so inference and ONNX do it too): "
-                             "blind to a drive's exposure and contrast", "model and loss", choices=INPUT_NORMS)
+    input_norm: str = option("dataset", "input normalisation: dataset = by the dataset's mean and std; photo = that, "
+                             "then each photo standardised by its own mean and std, inside the model (so inference "
+                             "and the ONNX export do it too): blind to a photo's exposure and contrast",
+                             "model and loss", choices=INPUT_NORMS)
     sync_bn: bool = option(False, "DDP on GPUs: BatchNorm statistics over all ranks' micro-batches", "model and loss",
                            **SWITCH)
     class_weights: str = option("none", "per-class weights of the CE term (the Dice term already gives every class "
@@ -355,7 +356,8 @@ def with_step_count(settings, given, new_run=True) -> dict:
 # what a resumed run cannot change, and why
 RESUME_FIXED = {
     "preset": "its settings came from it", "base_channels": "its weights have that shape", "depth": "its weights have that shape",
-    "bilinear": "its weights have that shape", "dataset": "its model predicts that data's classes",
+    "bilinear": "its weights have that shape", "input_norm": "its weights learned from inputs normalised that way",
+    "dataset": "its model predicts that data's classes",
     "classes": "its model predicts those classes", "class_weights": "its loss weights stay as they were",
     "logit_adjustment": "its model's head started from that shift",
     "ema_decay": "its weight average continues as it was",

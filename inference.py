@@ -46,7 +46,7 @@ from metrics import finite_or_none, format_table, score_split, scores
 from onnx_runtime import EXPORT_REQUIREMENTS, OnnxPredictor, export_onnx
 from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, one_line, remove_stale_temp_files,
                      resolve_device, run_cli, size_arg, write_image_atomically)
-from unet import (TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
+from unet import (INPUT_NORMS, TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
                   upsample_confidence)
 import video
 from visualize import colorize, overlay, plot_confusion_matrix
@@ -509,6 +509,8 @@ def build_parser():
     bare.add_argument("--depth", type=int, help="down-sampling steps (default: the one whose shapes match)")
     bare.add_argument("--bilinear", action=argparse.BooleanOptionalAction,
                       help="bilinear upsampling instead of transposed convs (default: the one whose shapes match)")
+    bare.add_argument("--input_norm", choices=INPUT_NORMS, help="the normalisation the model was trained with "
+                      "(training.py --input_norm), which no weight shape tells (default: dataset)")
     bare.add_argument("--classes", nargs="+", help="class names in index order, as given to training.py; quote "
                       "names with spaces (default: the 19 Cityscapes evaluation classes)")
     return parser
@@ -535,7 +537,7 @@ def load_segmenter(args) -> Segmenter:
     classes = args.classes or CITYSCAPES_EVAL_NAMES
     return Segmenter(args.checkpoint, args.device, args.amp, args.channels_last, args.image_size, classes, args.tta,
                      num_classes=args.num_classes, base_channels=args.base_channels, depth=args.depth,
-                     bilinear=args.bilinear)
+                     bilinear=args.bilinear, input_norm=args.input_norm)
 
 
 def main(argv=None):

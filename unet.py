@@ -59,13 +59,16 @@ class Up(nn.Module):
 INPUT_NORMS = ("dataset", "photo")
 
 
-def standardize_photos(x):
+PHOTO_STD_FLOOR = 0.05  # about 3 grey levels after the dataset's normalisation: a blank frame's noise stays noise
+
+
+def standardise_photos(x):
     """(N, C, H, W) -> each photo minus its own mean, divided by its own standard deviation (over all its pixels and
-    channels): a photo twice as bright or with half the contrast gives the same input, so an unseen drive's exposure
-    does not matter; colour differences between channels are kept."""
+    channels, at least PHOTO_STD_FLOOR): a photo twice as bright or with half the contrast gives the same input, so
+    exposure does not matter; colour differences between channels are kept."""
     mean = x.mean((1, 2, 3), keepdim=True)
-    std = x.std((1, 2, 3), keepdim=True, correction=0)
-    return (x - mean) / (std + 1e-5)
+    std = x.std((1, 2, 3), keepdim=True, correction=0).clamp_min(PHOTO_STD_FLOOR)
+    return (x - mean) / std
 
 
 class UNet(nn.Module):
@@ -74,7 +77,7 @@ class UNet(nn.Module):
     Stage widths are base_channels * 2**i for i = 0..depth; bilinear=True halves the bottleneck and the
     decoder (milesial's layout, ~17 M instead of ~31 M parameters for the classic config). One Dropout2d sits
     on the bottleneck, where most parameters are; the skips keep the fine detail that boundaries need.
-    input_norm="photo" first standardises each photo by its own statistics (standardize_photos).
+    input_norm="photo" first standardises each photo by its own statistics (standardise_photos).
     forward() zero-pads the bottom and right edges to a multiple of 2**depth and crops the logits back
     (the original project needed sizes divisible by 16): zero is the mean colour after normalisation, and what every
     3x3 conv pads with. In train mode BatchNorm needs N * ceil(H / 2**depth) * ceil(W / 2**depth) > 1.
@@ -116,7 +119,7 @@ class UNet(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"UNet expects a floating-point (normalised) input, got {x.dtype}")
         if self._config["input_norm"] == "photo":
-            x = standardize_photos(x)
+            x = standardise_photos(x)
         height, width = x.shape[-2:]
         multiple = 2 ** self._config["depth"]
         x = F.pad(x, (0, -width % multiple, 0, -height % multiple))
@@ -280,7 +283,8 @@ def load_weights(path, fixed=None, class_names=None, fallback_size=DEFAULT_IMAGE
 
     A bare state_dict (also one saved from a torch.compile'd or DDP model) knows no classes, size or
     normalisation: `class_names`, `fallback_size`, `mean` and `std` supply them, and `fixed` pins any of
-    num_classes, base_channels, depth, bilinear that the parameter shapes cannot tell.
+    num_classes, base_channels, depth, bilinear that the parameter shapes cannot tell, and input_norm, which they
+    never tell (default "dataset").
     """
     contents = load_torch_file(path)
     if not isinstance(contents, dict) or not contents:
@@ -334,5 +338,5 @@ def config_from_state_dict(state_dict, fixed):
             with torch.device("meta"):
                 candidate = UNet(in_channels, num_classes, base_channels, depth, bilinear=bilinear)
             if {key: tuple(tensor.shape) for key, tensor in candidate.state_dict().items()} == shapes:
-                return candidate.config
+                return {**candidate.config, "input_norm": fixed.get("input_norm") or "dataset"}
     raise ValueError("its shapes match no U-Net; pass --num_classes, --base_channels, --depth and --bilinear")

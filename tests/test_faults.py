@@ -165,7 +165,9 @@ def test_a_checkpoint_that_does_not_fit_the_flags_is_one_line(city, tmp_path, ca
     for flags, line in ((["--base_channels", "8"], "--base_channels 8: {} was trained with --base_channels 4; its "
                                                    "weights have that shape"),
                         (["--classes", "road", "car"], "--classes road car: {} was trained with the dataset's default "
-                                                       "classes; its model predicts those classes")):
+                                                       "classes; its model predicts those classes"),
+                        (["--input_norm", "photo"], "--input_norm photo: {} was trained with --input_norm dataset; its "
+                                                    "weights learned from inputs normalised that way")):
         with pytest.raises(SystemExit) as exit_info:
             training.main(["--resume", "auto", "--out_dir", str(run_dir), "--training_iterations", "3", *flags])
         assert exit_info.value.code == 2

@@ -32,9 +32,10 @@ def CityscapesDataset(root, split, image_size):
     return SegmentationDataset(root, split, image_size, layout="cityscapes")
 
 
-def tiny_unet(num_classes=19, depth=2, bilinear=False, seed=0):
+def tiny_unet(num_classes=19, depth=2, bilinear=False, seed=0, input_norm="dataset"):
     torch.manual_seed(seed)
-    return UNet(3, num_classes, base_channels=4, depth=depth, dropout=0.0, bilinear=bilinear).eval()
+    return UNet(3, num_classes, base_channels=4, depth=depth, dropout=0.0, bilinear=bilinear,
+                input_norm=input_norm).eval()
 
 
 def save_checkpoint(path, model, class_names=None, image_size=TRAINING_SIZE):
@@ -364,9 +365,10 @@ def test_label_ids_masks_hold_official_label_ids(tmp_path, checkpoint):
             (tmp_path / "train" / path.name.replace("_mask.png", "_color.png")).read_bytes()
 
 
-@pytest.mark.parametrize("depth,bilinear,num_classes", [(2, False, 19), (3, True, 19), (1, False, 7)])
-def test_bare_state_dict_matches_the_full_checkpoint(tmp_path, depth, bilinear, num_classes):
-    model = tiny_unet(num_classes, depth, bilinear)
+@pytest.mark.parametrize("depth,bilinear,num_classes,input_norm", [(2, False, 19, "dataset"), (3, True, 19, "dataset"),
+                                                                  (1, False, 7, "dataset"), (2, False, 19, "photo")])
+def test_bare_state_dict_matches_the_full_checkpoint(tmp_path, depth, bilinear, num_classes, input_norm):
+    model = tiny_unet(num_classes, depth, bilinear, input_norm=input_norm)
     names = CLASSES.names[:num_classes]
     full = save_checkpoint(tmp_path / "full.pth", model, class_names=names)
     bare = tmp_path / "bare.pth"
@@ -378,12 +380,13 @@ def test_bare_state_dict_matches_the_full_checkpoint(tmp_path, depth, bilinear, 
     assert run("--checkpoint", full, "--input", images, "--output", tmp_path / "full") == 0
     size = f"{TRAINING_SIZE[0]}x{TRAINING_SIZE[1]}"
     classes = [] if num_classes == 19 else ["--classes", *names]
+    norm = [] if input_norm == "dataset" else ["--input_norm", input_norm]  # no weight shape tells it
     assert run("--checkpoint", bare, "--input", images, "--output", tmp_path / "bare", "--image_size", size,
-               *classes) == 0
+               *classes, *norm) == 0
     for kind in ("mask.png", "color.png"):
         full_bytes = (tmp_path / "full" / f"street_{kind}").read_bytes()
         assert full_bytes == (tmp_path / "bare" / f"street_{kind}").read_bytes()
-    loaded = inference.Segmenter(bare, device="cpu", classes=names)
+    loaded = inference.Segmenter(bare, device="cpu", classes=names, input_norm=input_norm)
     assert loaded.model.config == {**model.config, "dropout": loaded.model.config["dropout"]}
 
 

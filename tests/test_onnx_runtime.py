@@ -20,10 +20,10 @@ SIZE = (48, 32)  # (width, height) the tiny model is trained at
 NAMES = [name for name, _ in FOLDER_CLASSES]
 
 
-def train_tiny_model(root):
+def train_tiny_model(root, input_norm="dataset"):
     """A tiny U-Net trained for a few seconds on the folder dataset's train photos: confident, not random, logits."""
     torch.manual_seed(0)
-    model = UNet(3, len(NAMES), base_channels=8, depth=2, dropout=0.0)
+    model = UNet(3, len(NAMES), base_channels=8, depth=2, dropout=0.0, input_norm=input_norm)
     data = SegmentationDataset(root, "train", SIZE, layout="folder")
     images, masks = map(torch.stack, zip(*(data[index] for index in range(len(data)))))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -83,18 +83,22 @@ def test_an_onnx_checkpoint_writes_the_masks_of_its_pytorch_checkpoint(models, t
                                rtol=1e-4, atol=1e-4)
 
 
-def test_a_photo_normalising_model_exports_its_normalisation(tmp_path):
-    torch.manual_seed(0)
-    model = UNet(3, len(NAMES), base_channels=4, depth=2, input_norm="photo").eval()
+def test_a_photo_normalising_model_exports_its_normalisation_in_float32_and_int8(models, tmp_path):
+    root = models[0]
+    model = train_tiny_model(root, input_norm="photo")
     save_weights(tmp_path / "photo.pth", model, class_names=NAMES, class_colors=[c for _, c in FOLDER_CLASSES],
                  image_size=SIZE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dataset="folder")
     assert run("--checkpoint", tmp_path / "photo.pth", "--export", tmp_path / "photo.onnx", "--device", "cpu") == 0
     deployed = inference.Segmenter(tmp_path / "photo.onnx")
-    inputs = torch.randn(2, 3, SIZE[1], SIZE[0])
+    inputs = torch.stack([SegmentationDataset(root, "val", SIZE, layout="folder")[index][0] for index in range(4)])
     with torch.no_grad():
         expected = model(inputs)
     torch.testing.assert_close(deployed.logits(inputs), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(deployed.logits(2 * inputs - 1), expected, rtol=1e-4, atol=1e-4)  # blind to exposure
+    assert run("--checkpoint", tmp_path / "photo.onnx", "--export", tmp_path / "int8.onnx", "--int8", "--data_root",
+               root) == 0
+    quantized = inference.Segmenter(tmp_path / "int8.onnx").logits(inputs).argmax(1)
+    assert (quantized == expected.argmax(1)).float().mean() > 0.95
 
 
 def test_evaluate_scores_an_onnx_model_as_its_pytorch_checkpoint(models, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet import UNet, load_weights, save_weights
+from unet import UNet, load_weights, save_weights, standardise_photos
 
 
 def tiny_unet(**kwargs):
@@ -130,7 +130,7 @@ def test_integer_input_raises():
         tiny_unet()(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
-def test_photo_input_norm_makes_the_model_blind_to_exposure_and_contrast(tmp_path):
+def test_photo_input_norm_makes_the_model_blind_to_exposure_and_contrast():
     torch.manual_seed(0)
     photos = torch.randn(2, 3, 20, 24)
     brighter = photos * torch.tensor([2.0, 0.5]).view(2, 1, 1, 1) + torch.tensor([1.5, -0.7]).view(2, 1, 1, 1)
@@ -140,6 +140,18 @@ def test_photo_input_norm_makes_the_model_blind_to_exposure_and_contrast(tmp_pat
         with torch.no_grad():
             same = torch.allclose(model(photos), model(brighter), atol=1e-4)
         assert same == blind, input_norm
+
+
+def test_photo_input_norm_is_finite_on_a_blank_photo_in_bf16():
+    model = UNet(3, 5, base_channels=4, depth=2, input_norm="photo").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.full((1, 3, 16, 16), 0.3)).isfinite().all()
+    photo = torch.full((1, 3, 16, 16), 0.3)
+    photo[..., 0, 0] += 1e-3  # noise far below one grey level stays that small
+    assert standardise_photos(photo).abs().max() < 0.05
+
+
+def test_input_norm_goes_into_the_weights_file_and_must_be_known(tmp_path):
     save_weights(tmp_path / "m.pth", UNet(3, 5, base_channels=4, depth=2, input_norm="photo"), class_names=list("abcde"),
                  class_colors=[(0, 0, 0)] * 5, image_size=(24, 20), mean=(0.5,) * 3, std=(0.2,) * 3, dataset=None)
     assert load_weights(tmp_path / "m.pth").model.config["input_norm"] == "photo"
