@@ -336,7 +336,8 @@ def config_from_state_dict(state_dict, fixed):
     for depth in [fixed["depth"]] if fixed.get("depth") else range(1, 9):
         for bilinear in [fixed["bilinear"]] if fixed.get("bilinear") is not None else [False, True]:
             with torch.device("meta"):
-                candidate = UNet(in_channels, num_classes, base_channels, depth, bilinear=bilinear)
+                candidate = UNet(in_channels, num_classes, base_channels, depth, bilinear=bilinear,
+                                 input_norm=fixed.get("input_norm") or "dataset")
             if {key: tuple(tensor.shape) for key, tensor in candidate.state_dict().items()} == shapes:
-                return {**candidate.config, "input_norm": fixed.get("input_norm") or "dataset"}
+                return candidate.config
     raise ValueError("its shapes match no U-Net; pass --num_classes, --base_channels, --depth and --bilinear")
