@@ -40,8 +40,11 @@ def reestimate_batchnorm(model, photos, batch_size):
 
 def main():
     args = parse_args()
+    if args.output.resolve() == Path(args.checkpoint).resolve():
+        raise SystemExit(f"{args.output}: is --checkpoint itself; choose another --output")
+    if not args.photos.is_dir() or not (paths := list(image_files(args.photos).values())):
+        raise SystemExit(f"{args.photos}: no photos to take the statistics from")
     trained = load_weights(args.checkpoint)
-    paths = list(image_files(args.photos).values())
     photos = [to_model_input(read_image(path), trained.image_size, trained.mean, trained.std) for path in paths]
     reestimate_batchnorm(trained.model, photos, args.batch_size)
     save_weights(args.output, trained.model, class_names=trained.class_names, class_colors=trained.class_colors,
