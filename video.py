@@ -1,7 +1,8 @@
 """Video files through inference.py: frames are decoded, segmented in batches exactly as photos are, and the
 palette over each frame is encoded as H.264, all three at once (a decoding thread, the model alone in the main
 thread, a thread that finishes each frame: upsampling, argmax, overlay, encoding; joined by small queues), so
-memory stays flat whatever the video's length.
+memory stays flat whatever the video's length. The overlay is blended into the frame's own Y, U and V planes, the
+form the decoder gives and the encoder takes, so no frame is converted to RGB and back for it.
 
     python inference.py --input drive.mp4            # -> OUTPUT/drive_overlay.mp4
     python inference.py --input drive.mp4 --frames   # also OUTPUT/drive/000000_mask.png, ...
@@ -16,17 +17,23 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from runtime import Stopped, import_optional, one_line, remove_stale_temp_files, temp_path, write_image_atomically
 from unet import mask_and_confidence
-from visualize import overlay
+from visualize import blend_rows, blend_table
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".ts", ".mts", ".mpg", ".mpeg", ".wmv", ".flv"}
 VIDEO_REQUIREMENTS = "requirements-video.txt"
 ENCODER_OPTIONS = {"crf": "20", "preset": "superfast"}  # x264: visually clean at 2 cores' speed (docs/video.md)
 FALLBACK_RATE = Fraction(30)  # for the rare stream that records no frame rate
+# (Kr, Kb) of the YCbCr matrix by FFmpeg's colour space number: BT.709, BT.2020; BT.601 for the rest, which is what
+# FFmpeg assumes for an untagged frame when it converts one to RGB
+LUMA_WEIGHTS = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+BT601 = (0.299, 0.114)
+FULL_RANGE = 2  # FFmpeg's AVCOL_RANGE_JPEG: Y and chroma span 0-255, not 16-235 and 16-240
 
 
 class VideoError(Exception):
@@ -47,6 +54,12 @@ def import_av():
 
 def is_video(path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def picture_format(width, height):
+    """The overlay's pixel format: 4:2:0, what players expect, needs even sides; odd-sized sources keep their size
+    in 4:4:4."""
+    return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
 
 
 def overlay_path(output_dir, name, partial=False):
@@ -82,7 +95,8 @@ def open_video(av, path):
 
 
 class FrameReader:
-    """Decodes a stream's frames in a thread into a small queue, each as (index, uint8 RGB (H, W, 3), model input).
+    """Decodes a stream's frames in a thread into a small queue, each as (index, the frame as a picture in the
+    overlay's pixel format, the model's input made from its RGB).
     Decoding stops at the first damage FFmpeg reports (a truncated or corrupt file); `damage` then says at which
     frame and why, and the frames before it are all delivered. Errors before the first whole frame (a stream cut
     at its start decodes from its first keyframe) drop the frames they come with; `start_error` says why."""
@@ -90,6 +104,7 @@ class FrameReader:
     def __init__(self, av, container, stream, model_input, depth, damage_at_open=None):
         self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
         self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
+        self.picture_format = picture_format(*self.size)
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
         self.damage_at_open, self.start_error = damage_at_open, None
         self.thread = threading.Thread(target=self._decode, daemon=True)
@@ -118,8 +133,9 @@ class FrameReader:
                         logs.clear()
                         continue
                     for frame in decoded:
+                        picture = frame.reformat(*self.size, format=self.picture_format)  # mostly the frame itself
                         rgb = frame.reformat(*self.size, format="rgb24").to_ndarray()
-                        if not self._put((index, rgb, self.model_input(rgb))):
+                        if not self._put((index, picture, self.model_input(rgb))):
                             return
                         index += 1
             if self.damage_at_open:  # the demuxer gave what it had; the file's end is missing
@@ -165,13 +181,16 @@ class OverlayWriter:
         self.container = av.open(str(self.temp_path), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
         self.stream.width, self.stream.height = width, height
-        # 4:2:0 needs even sides; odd-sized sources keep their size in 4:4:4
-        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.pix_fmt = picture_format(width, height)
 
-    def write(self, rgb):
-        frame = self.av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts, frame.time_base = self.count, 1 / Fraction(self.stream.codec_context.framerate)
-        self.container.mux(self.stream.encode(frame))
+    def write(self, picture):
+        """Encode one picture of the stream's size and pixel format; the first gives the file its colour tags."""
+        context = self.stream.codec_context
+        if self.count == 0:
+            context.colorspace, context.color_range = picture.colorspace, picture.color_range
+            context.color_primaries, context.color_trc = picture.color_primaries, picture.color_trc
+        picture.pts, picture.time_base = self.count, 1 / Fraction(context.framerate)
+        self.container.mux(self.stream.encode(picture))
         self.count += 1
 
     def close(self, path):
@@ -188,6 +207,53 @@ class OverlayWriter:
         except Exception:  # closing after a failure may fail too; the file goes anyway
             pass
         self.temp_path.unlink(missing_ok=True)
+
+
+def palette_in_yuv(colors, colorspace, color_range) -> np.ndarray:
+    """RGB colours -> (C, 3) uint16 Y, U, V in a frame's colour matrix and range, as FFmpeg converts them."""
+    kr, kb = LUMA_WEIGHTS.get(colorspace, BT601)
+    red, green, blue = (np.asarray(colors, np.float64).reshape(-1, 3) / 255).T
+    luma = kr * red + (1 - kr - kb) * green + kb * blue
+    blue_difference, red_difference = (blue - luma) / (2 - 2 * kb), (red - luma) / (2 - 2 * kr)
+    luma_span, chroma_span, black = (255, 255, 0) if color_range == FULL_RANGE else (219, 224, 16)
+    yuv = np.stack([black + luma_span * luma, 128 + chroma_span * blue_difference, 128 + chroma_span * red_difference])
+    return yuv.T.round().clip(0, 255).astype(np.uint16)
+
+
+def plane_pixels(plane) -> np.ndarray:
+    """A picture plane's pixels as a (height, width) uint8 view of its buffer (rows may be padded)."""
+    rows = np.frombuffer(plane, np.uint8, count=plane.line_size * plane.height).reshape(plane.height, -1)
+    return rows[:, :plane.width]
+
+
+class PictureOverlay:
+    """visualize.overlay's blend (the same table, rounding and alpha) done in a picture's own Y, U and V planes,
+    with the palette converted to its colour matrix and range: a quarter of the CPU time of blending in RGB and
+    converting back for the encoder (docs/video.md). A chroma sample takes the class of its block's first pixel."""
+
+    def __init__(self, av, colors, alpha):
+        self.av, self.colors, self.weight, self.tables = av, colors, int(round(alpha * 256)), {}
+
+    def table(self, colorspace, color_range):
+        if (colorspace, color_range) not in self.tables:
+            black = palette_in_yuv([(0, 0, 0)], colorspace, color_range)
+            palette = palette_in_yuv(self.colors, colorspace, color_range)
+            self.tables[colorspace, color_range] = blend_table(palette, self.weight, black)
+        return self.tables[colorspace, color_range]
+
+    def __call__(self, picture, mask):
+        table = self.table(picture.colorspace, picture.color_range)
+        rows = blend_rows(mask, len(self.colors)).astype(np.uint16 if table.size <= 2 ** 16 else np.uint32) * 3
+        blended = self.av.VideoFrame(picture.width, picture.height, picture.format.name)
+        blended.colorspace, blended.color_range = picture.colorspace, picture.color_range
+        blended.color_primaries, blended.color_trc = picture.color_primaries, picture.color_trc
+        for channel, (source, target) in enumerate(zip(picture.planes, blended.planes)):
+            step = picture.height // source.height  # 2 for 4:2:0's chroma (even sides), else 1
+            index = rows[::step, ::step] + channel
+            index <<= 8
+            index |= plane_pixels(source)
+            np.take(table, index, out=plane_pixels(target))
+        return blended
 
 
 class Smoother:
@@ -238,13 +304,15 @@ def segment_frames(reader, writer, segmenter, args, mask_values, folder, progres
     overlay, encoding) and frame files to the writing threads, so the model never waits for them; at most two
     batches are in flight, so memory stays flat."""
     smoother = Smoother(args.smooth, segmenter.tta != "none")
-    colors, pending, file_jobs = segmenter.class_table.colors, collections.deque(), collections.deque()
+    overlay = PictureOverlay(writer.av, segmenter.class_table.colors, args.alpha)
+    pending, file_jobs = collections.deque(), collections.deque()
 
     def finish(batch, batch_scores):
-        for (index, rgb, _), scores in zip(batch, batch_scores):
+        for (index, picture, _), scores in zip(batch, batch_scores):
             scores, probabilities = smoother(scores)
-            mask, confidence = mask_and_confidence(scores, rgb.shape[:2], probabilities, args.save_confidence)
-            writer.write(overlay(rgb, mask, colors, args.alpha))
+            size = picture.height, picture.width
+            mask, confidence = mask_and_confidence(scores, size, probabilities, args.save_confidence)
+            writer.write(overlay(picture, mask))
             if folder is not None:
                 file_jobs.append(files.submit(write_frame_files, folder, index, mask, confidence, mask_values))
                 while len(file_jobs) > 4 * args.batch_size:

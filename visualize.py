@@ -31,10 +31,7 @@ def overlay(image_uint8, mask, colors, alpha=0.5) -> np.ndarray:
     overlays every frame, and one table lookup a pixel is the cheapest exact way."""
     image, mask = _as_numpy(image_uint8), _as_numpy(mask)
     table = blend_table(np.asarray(colors, np.uint16).reshape(-1, 3), int(round(alpha * 256)))
-    rows = np.full(256, len(colors), np.uint32)  # class id -> table row: the classes, black, then the image itself
-    rows[: len(colors)] = np.arange(len(colors))
-    rows[IGNORE_INDEX] = len(colors) + 1
-    row = rows[mask if mask.dtype == np.uint8 else mask.astype(np.int64).clip(0, 255)]
+    row = blend_rows(mask, len(colors))
     index_type = np.uint16 if table.size <= 2 ** 16 else np.uint32
     index = (row.astype(index_type) * 3)[..., None] + np.arange(3, dtype=index_type)
     index <<= 8
@@ -42,11 +39,21 @@ def overlay(image_uint8, mask, colors, alpha=0.5) -> np.ndarray:
     return table[index]
 
 
-def blend_table(palette, weight) -> np.ndarray:
+def blend_rows(mask, class_count) -> np.ndarray:
+    """Class-id mask -> its pixels' rows of blend_table: the class's own, black's for unknown ids, the image's
+    itself for ignored pixels."""
+    rows = np.full(256, class_count, np.uint32)
+    rows[:class_count] = np.arange(class_count)
+    rows[IGNORE_INDEX] = class_count + 1
+    return rows[mask if mask.dtype == np.uint8 else mask.astype(np.int64).clip(0, 255)]
+
+
+def blend_table(palette, weight, black=(0, 0, 0)) -> np.ndarray:
     """Flat uint8 table of (C + 2) x 3 x 256 blends, row r channel c value v at (3 r + c) * 256 + v: the C colours
-    and black at weight / 256 over the value, then the value itself."""
+    and black at weight / 256 over the value, then the value itself. Any 3-channel space: RGB, or Y, U, V."""
     values = np.arange(256, dtype=np.uint16)
-    sum256 = values * (256 - weight) + np.concatenate([palette, np.zeros((1, 3), np.uint16)])[..., None] * weight
+    colours = np.concatenate([palette, np.asarray(black, np.uint16).reshape(1, 3)])
+    sum256 = values * (256 - weight) + colours[..., None] * weight
     blended, remainder = sum256 >> 8, sum256 & 255
     blended += (remainder > 128) | ((remainder == 128) & (blended & 1).astype(bool))
     return np.concatenate([blended, np.broadcast_to(values, (1, 3, 256))]).astype(np.uint8).reshape(-1)

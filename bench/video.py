@@ -28,7 +28,6 @@ from config import PRESETS
 from dataset import read_photo
 from runtime import size_arg
 from unet import UNet, mask_and_confidence, save_weights
-from visualize import overlay
 
 BENCH_OUT = Path(__file__).resolve().parent / "out" / "video"
 REPO = Path(__file__).resolve().parents[1]
@@ -124,13 +123,14 @@ def stage_times(checkpoint, clip, batch_size):
     the CPU goes, and so what is left for the model when everything shares the same cores. The stages run in
     order, each keeping its output for the next."""
     av, segmenter = video.import_av(), inference.Segmenter(checkpoint, device="cpu")
-    data = {}
+    blend, data = video.PictureOverlay(av, segmenter.class_table.colors, 0.5), {}
 
     def decode():
         with av.open(str(clip)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "SLICE"  # as video.py decodes
-            data["frames"] = [frame.reformat(format="rgb24").to_ndarray() for frame in container.decode(stream)]
+            data["pictures"] = list(container.decode(stream))  # as video.py keeps them: the decoder's own pictures
+            data["frames"] = [picture.reformat(format="rgb24").to_ndarray() for picture in data["pictures"]]
 
     def model():
         inputs = data["inputs"]
@@ -151,8 +151,8 @@ def stage_times(checkpoint, clip, batch_size):
               "upsample and argmax": lambda: data.update(masks=[mask_and_confidence(score, frame.shape[:2])[0]
                                                                 for score, frame in zip(data["scores"],
                                                                                         data["frames"])]),
-              "overlay": lambda: data.update(overlays=[overlay(frame, mask, segmenter.class_table.colors)
-                                                       for frame, mask in zip(data["frames"], data["masks"])]),
+              "overlay": lambda: data.update(overlays=[blend(picture, mask)
+                                                       for picture, mask in zip(data["pictures"], data["masks"])]),
               "H.264 encode": encode}
     rows, threads = [], torch.get_num_threads()
     for name, stage in stages.items():

@@ -16,6 +16,7 @@ from PIL import Image
 
 import inference
 import unet
+import video
 from conftest import noise
 from dataset import read_photo
 from test_inference import run, save_checkpoint, tiny_unet
@@ -101,6 +102,51 @@ def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_ar
     errors = np.array([[np.abs(shown - want).mean() for want in expected] for shown in overlays])
     assert (errors.argmin(1) == np.arange(23)).all() and errors.diagonal().max() < 10
     assert sorted(path.name for path in output.iterdir()) == ["drive", "drive_overlay.mp4"]
+
+
+SATURATED = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 64, 0),
+             (0, 0, 0), (255, 255, 255), (64, 128, 192), (200, 30, 60)]
+
+
+@pytest.mark.parametrize("pix_fmt,colorspace,matrix,color_range", [
+    ("yuv420p", 2, None, 1),  # untagged: FFmpeg converts it to RGB as BT.601
+    ("yuv420p", 1, "ITU709", 1),
+    ("yuvj420p", 5, None, 2),  # BT.601, full range
+    ("yuv444p", 1, "ITU709", 1)])
+def test_the_overlay_blended_in_a_frames_own_yuv_planes_shows_what_the_rgb_overlay_shows(
+        pix_fmt, colorspace, matrix, color_range):
+    picture = av.VideoFrame.from_ndarray(noise(np.random.default_rng(0), 48, 64), format="rgb24").reformat(
+        format=pix_fmt, dst_colorspace=matrix)
+    picture.colorspace, picture.color_range = colorspace, color_range
+    stripes = (np.arange(64)[None] // 6 % 11).repeat(48, 0).astype(np.uint8)  # 6 wide: no chroma block straddles two
+    blended = video.PictureOverlay(av, SATURATED, 0.5)(picture, stripes)
+    assert (blended.format.name, blended.colorspace, blended.color_range) == (pix_fmt, colorspace, color_range)
+    expected = inference.overlay(picture.to_ndarray(format="rgb24"), stripes, SATURATED, 0.5).astype(np.int16)
+    difference = np.abs(blended.to_ndarray(format="rgb24").astype(np.int16) - expected)
+    assert difference.mean() < 1 and difference.max() <= 4  # the wrong matrix or range: mean 2.6, max 14 or more
+
+
+def test_the_overlay_video_keeps_the_sources_colour_matrix_and_range(tmp_path, checkpoint):
+    source, output = tmp_path / "bt709.mp4", tmp_path / "out"
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        context = stream.codec_context
+        context.colorspace, context.color_range, context.color_primaries, context.color_trc = 1, 2, 1, 1
+        for frame in moving_frames(5):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p",
+                                                                                 dst_colorspace="ITU709")
+            picture.colorspace, picture.color_range = 1, 2
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", output) == 0
+    with av.open(str(output / "bt709_overlay.mp4")) as written:
+        context = written.streams.video[0].codec_context
+        assert (context.colorspace, context.color_range, context.color_primaries, context.color_trc) == (1, 2, 1, 1)
+    segmenter = inference.Segmenter(checkpoint, device="cpu")
+    for shown, frame in zip(decoded_frames(output / "bt709_overlay.mp4"), decoded_frames(source), strict=True):
+        expected = inference.overlay(frame, segmenter(frame), segmenter.class_table.colors, 0.5)
+        assert np.abs(shown.astype(np.int16) - expected).mean() < 6  # H.264's loss; untagged, the mean is 7.7
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])
