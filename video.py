@@ -29,10 +29,12 @@ VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".ts", ".mts"
 VIDEO_REQUIREMENTS = "requirements-video.txt"
 ENCODER_OPTIONS = {"crf": "20", "preset": "superfast"}  # x264: visually clean at 2 cores' speed (docs/video.md)
 FALLBACK_RATE = Fraction(30)  # for the rare stream that records no frame rate
-# (Kr, Kb) of the YCbCr matrix by FFmpeg's colour space number: BT.709, BT.2020; BT.601 for the rest, which is what
-# FFmpeg assumes for an untagged frame when it converts one to RGB
-LUMA_WEIGHTS = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+# (Kr, Kb) of the YCbCr matrices the overlay is blended in, by FFmpeg's colour space number: BT.709, BT.2020 (non-
+# constant luminance); BT.601 for 5, 6 and 2 (untagged, which FFmpeg converts to RGB as BT.601)
+LUMA_WEIGHTS = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593)}
 BT601 = (0.299, 0.114)
+BLENDED_MATRICES = {1, 2, 5, 6, 9}  # other sources (RGB-coded, SMPTE 240M, ...) are converted to SMPTE170M = BT.601
+SMPTE170M = 6
 FULL_RANGE = 2  # FFmpeg's AVCOL_RANGE_JPEG: Y and chroma span 0-255, not 16-235 and 16-240
 
 
@@ -104,7 +106,7 @@ class FrameReader:
     def __init__(self, av, container, stream, model_input, depth, damage_at_open=None):
         self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
         self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
-        self.picture_format = picture_format(*self.size)
+        self.picture_format, self.colour = picture_format(*self.size), None  # colour: the first frame's, see picture()
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
         self.damage_at_open, self.start_error = damage_at_open, None
         self.thread = threading.Thread(target=self._decode, daemon=True)
@@ -133,8 +135,8 @@ class FrameReader:
                         logs.clear()
                         continue
                     for frame in decoded:
-                        picture = frame.reformat(*self.size, format=self.picture_format)  # mostly the frame itself
                         rgb = frame.reformat(*self.size, format="rgb24").to_ndarray()
+                        picture = self.picture(frame, rgb)
                         if not self._put((index, picture, self.model_input(rgb))):
                             return
                         index += 1
@@ -144,6 +146,22 @@ class FrameReader:
             self.damage = (index, one_line(error))
         finally:
             self._put(None)
+
+    def picture(self, frame, rgb):
+        """The frame (whose RGB at the first frame's size is `rgb`) at that size, in the overlay's pixel format,
+        colour matrix and range: the first frame's, or BT.601 where the palette cannot be blended in its matrix,
+        so that every picture of one video has the colour tags the encoder gets from the first. Mostly the decoded
+        frame itself; a frame in other colours is made from its RGB, as FFmpeg shows it."""
+        if self.colour is None:
+            matrix = frame.colorspace if frame.colorspace in BLENDED_MATRICES else SMPTE170M
+            self.colour = matrix, FULL_RANGE if frame.color_range == FULL_RANGE else 1
+        matrix, color_range = self.colour
+        if frame.colorspace == matrix and (frame.color_range == FULL_RANGE) == (color_range == FULL_RANGE):
+            return frame.reformat(*self.size, format=self.picture_format)
+        picture = self.av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+            format=self.picture_format, dst_colorspace=matrix, dst_color_range=color_range)
+        picture.colorspace, picture.color_range = matrix, color_range
+        return picture
 
     def _decode_packet(self, packet, logs):
         """(frames, None), or (frames, why) when FFmpeg reported damage (an ERROR log line or a failed call)."""
@@ -184,11 +202,11 @@ class OverlayWriter:
         self.stream.pix_fmt = picture_format(width, height)
 
     def write(self, picture):
-        """Encode one picture of the stream's size and pixel format; the first gives the file its colour tags."""
+        """Encode one picture of the stream's size and pixel format; the first gives the file the colour matrix and
+        range its Y, U and V values are in (the primaries and transfer stay untagged: the palette is sRGB)."""
         context = self.stream.codec_context
         if self.count == 0:
             context.colorspace, context.color_range = picture.colorspace, picture.color_range
-            context.color_primaries, context.color_trc = picture.color_primaries, picture.color_trc
         picture.pts, picture.time_base = self.count, 1 / Fraction(context.framerate)
         self.container.mux(self.stream.encode(picture))
         self.count += 1
@@ -229,7 +247,8 @@ def plane_pixels(plane) -> np.ndarray:
 class PictureOverlay:
     """visualize.overlay's blend (the same table, rounding and alpha) done in a picture's own Y, U and V planes,
     with the palette converted to its colour matrix and range: a quarter of the CPU time of blending in RGB and
-    converting back for the encoder (docs/video.md). A chroma sample takes the class of its block's first pixel."""
+    converting back for the encoder (docs/video.md). A 4:2:0 chroma sample takes the class of its block's first
+    pixel, so a block split between two classes shows one class's hue (its brightness stays per pixel)."""
 
     def __init__(self, av, colors, alpha):
         self.av, self.colors, self.weight, self.tables = av, colors, int(round(alpha * 256)), {}
@@ -242,11 +261,12 @@ class PictureOverlay:
         return self.tables[colorspace, color_range]
 
     def __call__(self, picture, mask):
+        if picture.format.name not in ("yuv420p", "yuvj420p", "yuv444p", "yuvj444p"):
+            raise ValueError(f"PictureOverlay blends 8-bit planar 4:2:0 or 4:4:4 pictures, not {picture.format.name}")
         table = self.table(picture.colorspace, picture.color_range)
         rows = blend_rows(mask, len(self.colors)).astype(np.uint16 if table.size <= 2 ** 16 else np.uint32) * 3
         blended = self.av.VideoFrame(picture.width, picture.height, picture.format.name)
         blended.colorspace, blended.color_range = picture.colorspace, picture.color_range
-        blended.color_primaries, blended.color_trc = picture.color_primaries, picture.color_trc
         for channel, (source, target) in enumerate(zip(picture.planes, blended.planes)):
             step = picture.height // source.height  # 2 for 4:2:0's chroma (even sides), else 1
             index = rows[::step, ::step] + channel

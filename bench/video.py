@@ -129,7 +129,8 @@ def stage_times(checkpoint, clip, batch_size):
         with av.open(str(clip)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "SLICE"  # as video.py decodes
-            data["pictures"] = list(container.decode(stream))  # as video.py keeps them: the decoder's own pictures
+            data["pictures"] = [frame.reformat(format=video.picture_format(frame.width, frame.height))
+                                for frame in container.decode(stream)]  # as video.py keeps them: mostly the frame
             data["frames"] = [picture.reformat(format="rgb24").to_ndarray() for picture in data["pictures"]]
 
     def model():

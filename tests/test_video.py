@@ -126,27 +126,67 @@ def test_the_overlay_blended_in_a_frames_own_yuv_planes_shows_what_the_rgb_overl
     assert difference.mean() < 1 and difference.max() <= 4  # the wrong matrix or range: mean 2.6, max 14 or more
 
 
-def test_the_overlay_video_keeps_the_sources_colour_matrix_and_range(tmp_path, checkpoint):
-    source, output = tmp_path / "bt709.mp4", tmp_path / "out"
-    with av.open(str(source), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
-        context = stream.codec_context
-        context.colorspace, context.color_range, context.color_primaries, context.color_trc = 1, 2, 1, 1
-        for frame in moving_frames(5):
-            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p",
-                                                                                 dst_colorspace="ITU709")
-            picture.colorspace, picture.color_range = 1, 2
+def write_tagged_video(path, frames, codec="libx264", pix_fmt="yuv420p", matrix=None, color_range=None):
+    """A video whose pictures are converted from RGB with `matrix` and `color_range` and tagged with them."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = pix_fmt
+        if matrix is not None:
+            stream.codec_context.colorspace, stream.codec_context.color_range = matrix, color_range
+        for frame in frames:
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if matrix is not None:
+                picture = picture.reformat(format=pix_fmt, dst_colorspace=matrix, dst_color_range=color_range)
+                picture.colorspace, picture.color_range = matrix, color_range
             container.mux(stream.encode(picture))
         container.mux(stream.encode())
-    assert run("--checkpoint", checkpoint, "--input", source, "--output", output) == 0
-    with av.open(str(output / "bt709_overlay.mp4")) as written:
-        context = written.streams.video[0].codec_context
-        assert (context.colorspace, context.color_range, context.color_primaries, context.color_trc) == (1, 2, 1, 1)
+    return path
+
+
+def assert_overlay_shows_each_frame(overlay_file, source, checkpoint, tolerance=6):
+    """Decoded (each frame by its own colour tags), every overlay frame is its source frame's RGB overlay, up to
+    H.264's loss: mean error about 4 here; decoded with the wrong matrix or range it is about 7.5 or more."""
     segmenter = inference.Segmenter(checkpoint, device="cpu")
-    for shown, frame in zip(decoded_frames(output / "bt709_overlay.mp4"), decoded_frames(source), strict=True):
+    shown_frames, frames = decoded_frames(overlay_file), decoded_frames(source)
+    height, width = shown_frames[0].shape[:2]
+    for shown, frame in zip(shown_frames, frames, strict=True):
+        frame = np.array(Image.fromarray(frame).resize((width, height), Image.BILINEAR)) if frame.shape != \
+            shown.shape else frame
         expected = inference.overlay(frame, segmenter(frame), segmenter.class_table.colors, 0.5)
-        assert np.abs(shown.astype(np.int16) - expected).mean() < 6  # H.264's loss; untagged, the mean is 7.7
+        assert np.abs(shown.astype(np.int16) - expected).mean() < tolerance
+
+
+def test_the_overlay_video_is_in_the_sources_colour_matrix_and_range_and_says_so(tmp_path, checkpoint):
+    source = write_tagged_video(tmp_path / "bt709.mp4", moving_frames(5), pix_fmt="yuvj420p", matrix=1, color_range=2)
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out") == 0
+    with av.open(str(tmp_path / "out" / "bt709_overlay.mp4")) as written:
+        context = written.streams.video[0].codec_context
+        assert (context.colorspace, context.color_range) == (1, 2)  # untagged, the mean error below is 7.7
+    assert_overlay_shows_each_frame(tmp_path / "out" / "bt709_overlay.mp4", source, checkpoint)
+
+
+def test_an_rgb_coded_video_gets_a_bt601_overlay(tmp_path, checkpoint):
+    source = write_tagged_video(tmp_path / "rgb.mp4", moving_frames(5), codec="libx264rgb", pix_fmt="bgr24")
+    with av.open(str(source)) as container:
+        assert container.streams.video[0].codec_context.colorspace == 0  # RGB: no YUV matrix to blend in
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out") == 0
+    with av.open(str(tmp_path / "out" / "rgb_overlay.mp4")) as written:
+        context = written.streams.video[0].codec_context
+        assert (context.colorspace, context.color_range) == (6, 2)  # BT.601, the source's full range
+    assert_overlay_shows_each_frame(tmp_path / "out" / "rgb_overlay.mp4", source, checkpoint)
+
+
+def test_joined_recordings_whose_colour_tags_change_are_converted_to_the_first_ones(tmp_path, checkpoint):
+    untagged = write_tagged_video(tmp_path / "a.ts", moving_frames(5))
+    full_bt709 = write_tagged_video(tmp_path / "b.ts", moving_frames(5, seed=1), matrix=1, color_range=2)
+    joined = tmp_path / "videos" / "joined.ts"
+    joined.parent.mkdir()
+    joined.write_bytes(untagged.read_bytes() + full_bt709.read_bytes())
+    assert run("--checkpoint", checkpoint, "--input", joined, "--output", tmp_path / "out") == 0
+    with av.open(str(tmp_path / "out" / "joined_overlay.mp4")) as written:
+        assert written.streams.video[0].codec_context.color_range != 2
+    assert_overlay_shows_each_frame(tmp_path / "out" / "joined_overlay.mp4", joined, checkpoint)
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])
