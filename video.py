@@ -35,7 +35,7 @@ LUMA_WEIGHTS = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593)}
 BT601 = (0.299, 0.114)
 BLENDED_MATRICES = {1, 2, 5, 6, 9}  # other sources (RGB-coded, SMPTE 240M, ...) are converted to SMPTE170M = BT.601
 SMPTE170M = 6
-FULL_RANGE = 2  # FFmpeg's AVCOL_RANGE_JPEG: Y and chroma span 0-255, not 16-235 and 16-240
+FULL_RANGE, LIMITED_RANGE = 2, 1  # FFmpeg's AVCOL_RANGE_JPEG (Y and chroma span 0-255) and _MPEG (16-235, 16-240)
 
 
 class VideoError(Exception):
@@ -154,7 +154,7 @@ class FrameReader:
         frame itself; a frame in other colours is made from its RGB, as FFmpeg shows it."""
         if self.colour is None:
             matrix = frame.colorspace if frame.colorspace in BLENDED_MATRICES else SMPTE170M
-            self.colour = matrix, FULL_RANGE if frame.color_range == FULL_RANGE else 1
+            self.colour = matrix, FULL_RANGE if frame.color_range == FULL_RANGE else LIMITED_RANGE
         matrix, color_range = self.colour
         if frame.colorspace == matrix and (frame.color_range == FULL_RANGE) == (color_range == FULL_RANGE):
             return frame.reformat(*self.size, format=self.picture_format)
@@ -246,8 +246,8 @@ def plane_pixels(plane) -> np.ndarray:
 
 class PictureOverlay:
     """visualize.overlay's blend (the same table, rounding and alpha) done in a picture's own Y, U and V planes,
-    with the palette converted to its colour matrix and range: a quarter of the CPU time of blending in RGB and
-    converting back for the encoder (docs/video.md). A 4:2:0 chroma sample takes the class of its block's first
+    with the palette converted to its colour matrix and range: half the values of RGB, and nothing for the encoder
+    to convert (timings in docs/video.md). A 4:2:0 chroma sample takes the class of its block's first
     pixel, so a block split between two classes shows one class's hue (its brightness stays per pixel)."""
 
     def __init__(self, av, colors, alpha):
@@ -264,7 +264,7 @@ class PictureOverlay:
         if picture.format.name not in ("yuv420p", "yuvj420p", "yuv444p", "yuvj444p"):
             raise ValueError(f"PictureOverlay blends 8-bit planar 4:2:0 or 4:4:4 pictures, not {picture.format.name}")
         table = self.table(picture.colorspace, picture.color_range)
-        rows = blend_rows(mask, len(self.colors)).astype(np.uint16 if table.size <= 2 ** 16 else np.uint32) * 3
+        rows = blend_rows(mask, len(self.colors))
         blended = self.av.VideoFrame(picture.width, picture.height, picture.format.name)
         blended.colorspace, blended.color_range = picture.colorspace, picture.color_range
         for channel, (source, target) in enumerate(zip(picture.planes, blended.planes)):

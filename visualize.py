@@ -32,19 +32,20 @@ def overlay(image_uint8, mask, colors, alpha=0.5) -> np.ndarray:
     image, mask = _as_numpy(image_uint8), _as_numpy(mask)
     table = blend_table(np.asarray(colors, np.uint16).reshape(-1, 3), int(round(alpha * 256)))
     row = blend_rows(mask, len(colors))
-    index_type = np.uint16 if table.size <= 2 ** 16 else np.uint32
-    index = (row.astype(index_type) * 3)[..., None] + np.arange(3, dtype=index_type)
+    index = row[..., None] + np.arange(3, dtype=row.dtype)
     index <<= 8
     index |= image
     return table[index]
 
 
 def blend_rows(mask, class_count) -> np.ndarray:
-    """Class-id mask -> its pixels' rows of blend_table: the class's own, black's for unknown ids, the image's
-    itself for ignored pixels."""
-    rows = np.full(256, class_count, np.uint32)
-    rows[:class_count] = np.arange(class_count)
-    rows[IGNORE_INDEX] = class_count + 1
+    """Class-id mask -> its pixels' rows of blend_table, as 3 r (add the channel, shift by 8, or in the value): the
+    class's own, black's for unknown ids, the image's itself for ignored pixels; in the narrowest type that holds
+    the table's indices."""
+    index_type = np.uint16 if (class_count + 2) * 3 * 256 <= 2 ** 16 else np.uint32
+    rows = np.full(256, 3 * class_count, index_type)
+    rows[:class_count] = 3 * np.arange(class_count)
+    rows[IGNORE_INDEX] = 3 * (class_count + 1)
     return rows[mask if mask.dtype == np.uint8 else mask.astype(np.int64).clip(0, 255)]
 
 
