@@ -415,12 +415,25 @@ def fix_steps_to_budget(run, loop_started, first_step):
     return steps[0]
 
 
+def precision_line(run) -> str:
+    """What --amp and --channels_last chose on this machine (config.json keeps the choices, such as "auto"): on a
+    CPU, bf16 training steps where it computes bf16 natively, float32 where it does not (docs/precision.md)."""
+    def precision(dtype):
+        return "float32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] + " autocast"
+    kind = torch.backends.cpu.get_cpu_capability() if run.device.type == "cpu" else torch.cuda.get_device_name(run.device)
+    layout = "channels_last" if run.memory_format == torch.channels_last else "contiguous"
+    return (f"{run.device} ({kind}): training steps in {precision(run.amp_dtype)} (--amp {run.config.amp}), "
+            f"{layout} (--channels_last {run.config.channels_last}); evaluations in "
+            f"{precision(autocast_dtype('auto', run.device, training=False))}, as inference.py runs")
+
+
 def train(config, checkpoint, rank=0, local_rank=0):
     """The training loop, in phases: build the run, then step, log, evaluate, checkpoint, until done."""
     run = start_run(config, checkpoint, rank, local_rank, started=time.perf_counter())  # --time_budget counts setup
     config = run.config
     if rank == 0:
         print(json.dumps(config.to_dict(), indent=2))
+        print(precision_line(run))
         open_run_folder(run)
     metrics = MetricsLog(run.run_dir / "metrics.jsonl")
     logger = TrainLogger(run.device, run.progress.nonfinite_steps, config.global_batch, run.data.train_images,

@@ -124,11 +124,17 @@ def test_run_leaves_config_metrics_checkpoints_plots(city, tmp_path):
     assert full["best_step"] == best_eval["step"] and full["best_miou"] == pytest.approx(best_eval["miou"])
 
 
-def test_without_cityscapes_trains_the_synthetic_demo(tmp_path, monkeypatch, capsys):
+@pytest.mark.both_cpu_kinds
+def test_without_cityscapes_trains_the_synthetic_demo(tmp_path, monkeypatch, capsys, native_bf16):
     monkeypatch.chdir(tmp_path)
     training.main([*TINY, "--synthetic_train", "4", "--synthetic_val", "2", "--training_iterations", "2",
-                   "--out_dir", "run"])
-    assert capsys.readouterr().out.startswith("preset synthetic (no Cityscapes at Dataset/cityscapes; ")
+                   "--out_dir", "run", "--amp", "auto", "--channels_last", "off"])
+    out = capsys.readouterr().out
+    assert out.startswith("preset synthetic (no Cityscapes at Dataset/cityscapes; ")
+    # what --amp auto chose on this kind of CPU is printed; config.json keeps "auto"
+    steps = "bf16 autocast" if native_bf16 else "float32"
+    assert (f"\ncpu ({torch.backends.cpu.get_cpu_capability()}): training steps in {steps} (--amp auto), "
+            f"contiguous (--channels_last off); evaluations in float32, as inference.py runs\n") in out
     config = json.loads(Path("run/config.json").read_text())
     assert (config["dataset"], config["data_root"]) == ("synthetic", "Dataset/synthetic")
     for key in ("base_lr", "decay_factor", "eval_interval"):
