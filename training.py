@@ -420,7 +420,8 @@ def precision_line(run) -> str:
     CPU, bf16 training steps where it computes bf16 natively, float32 where it does not (docs/precision.md)."""
     def precision(dtype):
         return "float32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] + " autocast"
-    kind = torch.backends.cpu.get_cpu_capability() if run.device.type == "cpu" else torch.cuda.get_device_name(run.device)
+    kinds = {"cpu": torch.backends.cpu.get_cpu_capability, "cuda": lambda: torch.cuda.get_device_name(run.device)}
+    kind = kinds.get(run.device.type, lambda: run.device.type)()
     layout = "channels_last" if run.memory_format == torch.channels_last else "contiguous"
     return (f"{run.device} ({kind}): training steps in {precision(run.amp_dtype)} (--amp {run.config.amp}), "
             f"{layout} (--channels_last {run.config.channels_last}); evaluations in "
