@@ -229,6 +229,16 @@ def cpu_has_native_bf16() -> bool:
                 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
 
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp -> autocast dtype (None: float32)
+
+
+def precision_name(dtype) -> str:
+    """An autocast dtype (None: none) as a person reads it: float32, bf16 autocast or fp16 autocast."""
+    if dtype is None:
+        return "float32"
+    return {known: name for name, known in AMP_DTYPES.items()}[dtype] + " autocast"
+
+
 def autocast_dtype(amp: str, device: torch.device, training=True):
     """--amp -> the autocast dtype, or None for float32. auto: on GPUs bf16, or fp16 (with a GradScaler) where bf16
     is not native; on CPUs bf16 for training where the CPU computes it natively, and float32 for inference and
@@ -238,7 +248,7 @@ def autocast_dtype(amp: str, device: torch.device, training=True):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if device.type == "cpu" and training and cpu_has_native_bf16() else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return AMP_DTYPES[amp]
 
 
 def use_channels_last(choice: str, device: torch.device, training: bool) -> bool:

@@ -40,8 +40,8 @@ from losses import CEDiceLoss, logit_shift
 from lr_schedule import WarmupInverseSqrtLR
 from metrics import MetricsLog, TrainLogger, format_table, score_split, scores
 from runtime import (INTERRUPTED_EXIT_CODE, Stopped, StopRequest, UserError, atomic_write, autocast_dtype,
-                     init_distributed, keep_freed_memory, remove_stale_temp_files, resolve_device, run_cli,
-                     use_channels_last)
+                     init_distributed, keep_freed_memory, precision_name, remove_stale_temp_files, resolve_device,
+                     run_cli, use_channels_last)
 from unet import Predictor, UNet, save_weights, weights_dict
 from visualize import plot_confusion_matrix, plot_per_class_iou, plot_training_curves, save_prediction_grid
 
@@ -418,14 +418,16 @@ def fix_steps_to_budget(run, loop_started, first_step):
 def precision_line(run) -> str:
     """What --amp and --channels_last chose on this machine (config.json keeps the choices, such as "auto"): on a
     CPU, bf16 training steps where it computes bf16 natively, float32 where it does not (docs/precision.md)."""
-    def precision(dtype):
-        return "float32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] + " autocast"
-    kinds = {"cpu": torch.backends.cpu.get_cpu_capability, "cuda": lambda: torch.cuda.get_device_name(run.device)}
-    kind = kinds.get(run.device.type, lambda: run.device.type)()
+    if run.device.type == "cpu":
+        kind = torch.backends.cpu.get_cpu_capability()
+    elif run.device.type == "cuda":
+        kind = torch.cuda.get_device_name(run.device)
+    else:
+        kind = run.device.type
     layout = "channels_last" if run.memory_format == torch.channels_last else "contiguous"
-    return (f"{run.device} ({kind}): training steps in {precision(run.amp_dtype)} (--amp {run.config.amp}), "
+    return (f"{run.device} ({kind}): training steps in {precision_name(run.amp_dtype)} (--amp {run.config.amp}), "
             f"{layout} (--channels_last {run.config.channels_last}); evaluations in "
-            f"{precision(autocast_dtype('auto', run.device, training=False))}, as inference.py runs")
+            f"{precision_name(autocast_dtype('auto', run.device, training=False))}, as inference.py runs")
 
 
 def train(config, checkpoint, rank=0, local_rank=0):

@@ -123,7 +123,7 @@ def test_the_camvid_preset_trains_at_full_size_on_a_gpu(make_camvid, monkeypatch
 
 
 def test_the_real_photo_presets_are_wider_where_the_cpu_trains_in_bf16_natively(make_camvid, tmp_path, monkeypatch):
-    """Such a CPU runs about 2.3x the steps in the 30 minutes: the camvid and folder presets widen the model there
+    """Such a CPU runs more than twice the steps in the 30 minutes: the camvid and folder presets widen the model there
     (said in why), not where training is float32 (--amp off, or no native bf16), nor on a GPU; flags win."""
     root = str(make_camvid())
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
