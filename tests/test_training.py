@@ -45,10 +45,11 @@ def test_help_documents_every_flag_with_its_default(capsys):
     for key in flags:
         assert f"--{key}" in help_text
     assert help_text.count("(default:") >= len(flags) - 1  # all but --preset, whose default is the data's choice
-    assert ("(default: 64; synthetic: 16; camvid: 16 (32 on a GPU, 24 on a CPU with native bf16); folder: 16 (32 on a "
-            "GPU, 24 on a CPU with native bf16))") in help_text  # --base_channels
+    assert ("(default: 64; synthetic: 16; camvid: 16 (32 on a GPU); folder: 16 (32 on a GPU))") in help_text  # --base_channels
+    assert ("camvid: 240x180 (480x360 on a GPU, 320x240 on a CPU with native bf16); folder: 240x180 (480x360 on a "
+            "GPU, 320x240 on a CPU with native bf16)") in help_text  # --image_size
     assert "camvid: CamVid as the SegNet tutorial distributes it" in help_text
-    assert help_text.count("on a CPU with native bf16: base_channels=24") == 2  # camvid and folder
+    assert help_text.count("on a CPU with native bf16: image_size=320x240") == 2  # camvid and folder
     assert "images per micro-batch and process (default: 8" in help_text
     assert "synthetic: 8)" not in help_text  # the demo's batch size is the default's: not repeated
     for name, preset in PRESETS.items():  # the presets are listed with what each sets
@@ -122,25 +123,28 @@ def test_the_camvid_preset_trains_at_full_size_on_a_gpu(make_camvid, monkeypatch
     assert (on_cpu.scale_range, on_cpu.color_jitter, on_cpu.hflip_prob) == ((1.0, 1.0), 0.0, 0.5)  # flips only
 
 
-def test_the_real_photo_presets_are_wider_where_the_cpu_trains_in_bf16_natively(make_camvid, tmp_path, monkeypatch):
-    """Such a CPU runs more than twice the steps in the 30 minutes: the camvid and folder presets widen the model there
-    (said in why), not where training is float32 (--amp off, or no native bf16), nor on a GPU; flags win."""
+def test_the_real_photo_presets_train_larger_photos_where_the_cpu_trains_in_bf16_natively(make_camvid, tmp_path,
+                                                                                         monkeypatch):
+    """Such a CPU runs more than twice the steps in the 30 minutes: the camvid and folder presets train 320x240
+    photos there (said in why), not where training is float32 (--amp off, or no native bf16), nor on a GPU; flags
+    win."""
     root = str(make_camvid())
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    wide, why = config_module.resolve({"data_root": root, "device": "cpu"})
-    assert (wide.base_channels, wide.image_size, wide.depth, wide.time_budget) == (24, "240x180", 5, 30)
-    assert why == f"camvid data at {root}; on a CPU with native bf16: --base_channels 24"
-    assert config_module.resolve({"data_root": root, "device": "cpu", "amp": "bf16"})[0].base_channels == 24
-    assert config_module.resolve({"data_root": root, "device": "cpu", "amp": "off"})[0].base_channels == 16
-    assert config_module.resolve({"data_root": root, "device": "cpu", "base_channels": 20})[0].base_channels == 20
+    larger, why = config_module.resolve({"data_root": root, "device": "cpu"})
+    assert (larger.image_size, larger.base_channels, larger.depth, larger.time_budget) == ("320x240", 16, 5, 30)
+    assert why == f"camvid data at {root}; on a CPU with native bf16: --image_size 320x240"
+    assert config_module.resolve({"data_root": root, "device": "cpu", "amp": "bf16"})[0].image_size == "320x240"
+    assert config_module.resolve({"data_root": root, "device": "cpu", "amp": "off"})[0].image_size == "240x180"
+    given = config_module.resolve({"data_root": root, "device": "cpu", "image_size": "160x120"})[0]
+    assert given.image_size == "160x120"
     folder = config_module.resolve({"preset": "folder", "data_root": root, "device": "cpu"})[0]
-    assert folder.base_channels == 24
-    assert config_module.resolve({"data_root": root, "device": "cuda"})[0].base_channels == 32  # the GPU's own
-    assert config_module.resolve({"data_root": root, "device": "xpu"})[0].base_channels == 16  # not a CPU
+    assert folder.image_size == "320x240"
+    assert config_module.resolve({"data_root": root, "device": "cuda"})[0].image_size == "480x360"  # the GPU's own
+    assert config_module.resolve({"data_root": root, "device": "xpu"})[0].image_size == "240x180"  # not a CPU
     demo = config_module.resolve({"preset": "synthetic", "device": "cpu", "out_dir": str(tmp_path)})[0]
-    assert demo.base_channels == PRESETS["synthetic"].settings["base_channels"]  # the demo has no such setting
+    assert demo.image_size == PRESETS["synthetic"].settings["image_size"]  # the demo has no such setting
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert config_module.resolve({"data_root": root, "device": "cpu"})[0].base_channels == 16
+    assert config_module.resolve({"data_root": root, "device": "cpu"})[0].image_size == "240x180"
 
 
 def test_the_precision_line_names_devices_other_than_the_cpu_and_cuda():
