@@ -45,7 +45,8 @@ def test_help_documents_every_flag_with_its_default(capsys):
     for key in flags:
         assert f"--{key}" in help_text
     assert help_text.count("(default:") >= len(flags) - 1  # all but --preset, whose default is the data's choice
-    assert ("(default: 64; synthetic: 16; camvid: 16 (32 on a GPU); folder: 16 (32 on a GPU))") in help_text  # --base_channels
+    base_channels_note = "(default: 64; synthetic: 16; camvid: 16 (32 on a GPU); folder: 16 (32 on a GPU))"
+    assert base_channels_note in help_text
     assert ("camvid: 240x180 (480x360 on a GPU, 320x240 on a CPU with native bf16); folder: 240x180 (480x360 on a "
             "GPU, 320x240 on a CPU with native bf16)") in help_text  # --image_size
     assert "camvid: CamVid as the SegNet tutorial distributes it" in help_text
