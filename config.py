@@ -28,9 +28,10 @@ DATASETS = ("auto", "cityscapes", "camvid", "folder", "synthetic")
 COMPUTED_CLASS_WEIGHTS = ("auto", "sqrt")  # --class_weights computed from the train masks
 
 
-def option(default, help, group, **argparse_kwargs):
-    """A config field with its command-line help; argparse_kwargs go to add_argument (type, choices, ...)."""
-    return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
+def option(default, help, group, default_text=None, **argparse_kwargs):
+    """A config field with its command-line help; default_text names a default that is no value of its own (None
+    for "the whole --image_size"); argparse_kwargs go to add_argument (type, choices, ...)."""
+    return field(default=default, metadata=dict(help=help, group=group, default_text=default_text, **argparse_kwargs))
 
 
 SWITCH = dict(action=argparse.BooleanOptionalAction)
@@ -54,8 +55,8 @@ class TrainConfig:
                              "inference; evaluation scores at the labels' own size", "data")
     crop_size: str | None = option(None, "augmentation: train on random crops WIDTHxHEIGHT of the scaled image, "
                                    "so that a larger --image_size shows finer detail at the crop's cost per step; "
-                                   "evaluation and inference still run the whole image at --image_size (default: "
-                                   "--image_size)", "data")
+                                   "evaluation and inference still run the whole image at --image_size", "data",
+                                   default_text="--image_size")
     train_id_files: bool = option(False, "Cityscapes: read the official _gtFine_labelTrainIds.png masks instead of "
                                   "mapping the _labelIds.png ones; default classes only", "data", **SWITCH)
     synthetic_train: int = option(300, "train images to generate for the synthetic city", "data", type=int)
@@ -290,8 +291,9 @@ REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, training_itera
                           save_model_interval=500, scale_range=(0.5, 2.0), color_jitter=0.2, decay_factor=2e-3,
                           ema_decay=0.999, num_workers=6)
 # A CPU with native bf16 runs more than twice the steps in the same 30 minutes; spent on larger photos, they score
-# higher on a drive it never saw than as more steps at 240x180 or as a wider model (docs/camvid.md).
-REAL_PHOTOS_ON_BF16_CPU = dict(image_size="320x240")
+# higher on a drive it never saw than as more steps at 240x180 or as a wider model, and 320x240 crops of the full
+# photo higher than the whole photo at 320x240 or at 480x360 (docs/camvid.md).
+REAL_PHOTOS_ON_BF16_CPU = dict(image_size="480x360", crop_size="320x240")
 PRESETS["camvid"] = Preset("CamVid as the SegNet tutorial distributes it (11 classes): a 30-minute run on a 2-core CPU",
                            dict(dataset="camvid", data_root="Dataset/CamVid", data_cache="device", **REAL_PHOTOS),
                            REAL_PHOTOS_ON_GPU, REAL_PHOTOS_ON_BF16_CPU)
@@ -353,6 +355,8 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
         raise UserError(f"--preset {name}: no such preset; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     for_machine, machine = machine_settings(preset, given)
+    if "image_size" in given:  # a machine's crop was chosen for its own image size
+        for_machine = {key: value for key, value in for_machine.items() if key != "crop_size"}
     if for_machine:
         why += f"; {machine}: " + " ".join(f"--{key} {value}" for key, value in for_machine.items())
     settings = {**preset.settings, **for_machine, "preset": name, **given, "world_size": world_size}
@@ -445,27 +449,29 @@ def build_parser(description) -> argparse.ArgumentParser:
         if not config_field.metadata:
             continue
         options = dict(config_field.metadata)
-        help_text, group = options.pop("help"), options.pop("group")
+        help_text, group, default_text = options.pop("help"), options.pop("group"), options.pop("default_text")
         if config_field.name == "preset":
             options["choices"] = list(PRESETS)
         elif "(default:" not in help_text:
-            help_text += f" ({default_note(config_field)})"
+            help_text += f" ({default_note(config_field, default_text)})"
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         groups[group].add_argument(f"--{config_field.name}", default=None, help=help_text, **options)
     return parser
 
 
-def default_note(config_field) -> str:
-    """'default: 64; synthetic: 16; camvid: 16 (32 on a GPU, ...)': the field's default and each preset that sets
-    another value, or another on some machines."""
-    note = f"default: {shown(config_field.default)}"
+def default_note(config_field, default_text=None) -> str:
+    """'default: 64; synthetic: 16; camvid: 16 (32 on a GPU, ...)': the field's default (or default_text) and each
+    preset that sets another value, or another on some machines."""
+    default = default_text or shown(config_field.default)
+    note = f"default: {default}"
     for name, preset in PRESETS.items():
         value = preset.settings.get(config_field.name, config_field.default)
         elsewhere = [f"{shown(changes[config_field.name])} {machine}" for machine, changes in preset.machine_changes()
                      if changes.get(config_field.name, value) != value]
         if value != config_field.default or elsewhere:
-            note += f"; {name}: {shown(value)}" + (f" ({', '.join(elsewhere)})" if elsewhere else "")
+            value_text = default if value == config_field.default else shown(value)
+            note += f"; {name}: {value_text}" + (f" ({', '.join(elsewhere)})" if elsewhere else "")
     return note
 
 
