@@ -29,8 +29,8 @@ COMPUTED_CLASS_WEIGHTS = ("auto", "sqrt")  # --class_weights computed from the t
 
 
 def option(default, help, group, default_text=None, **argparse_kwargs):
-    """A config field with its command-line help; default_text names a default that is no value of its own (None
-    for "the whole --image_size"); argparse_kwargs go to add_argument (type, choices, ...)."""
+    """A config field with its command-line help; default_text is what --help calls a default that is no value of
+    its own (crop_size's None: --image_size); argparse_kwargs go to add_argument (type, choices, ...)."""
     return field(default=default, metadata=dict(help=help, group=group, default_text=default_text, **argparse_kwargs))
 
 
@@ -55,7 +55,8 @@ class TrainConfig:
                              "inference; evaluation scores at the labels' own size", "data")
     crop_size: str | None = option(None, "augmentation: train on random crops WIDTHxHEIGHT of the scaled image, "
                                    "so that a larger --image_size shows finer detail at the crop's cost per step; "
-                                   "evaluation and inference still run the whole image at --image_size", "data",
+                                   "evaluation and inference still run the whole image at --image_size; a "
+                                   "preset's crop is dropped when --image_size is given", "data",
                                    default_text="--image_size")
     train_id_files: bool = option(False, "Cityscapes: read the official _gtFine_labelTrainIds.png masks instead of "
                                   "mapping the _labelIds.png ones; default classes only", "data", **SWITCH)
@@ -238,6 +239,10 @@ class TrainConfig:
             if not valid:
                 value = list(getattr(self, key)) if key == "scale_range" else getattr(self, key)
                 raise UserError(f"--{key} must be {expected}, got {value}")
+        (crop_width, crop_height), (width, height) = self.crop, self.size
+        if crop_width > round(width * high) or crop_height > round(height * high):
+            raise UserError(f"--crop_size {self.crop_size} is larger than --image_size {self.image_size} at the "
+                            f"largest --scale_range {high}: every crop would be partly padding")
         if self.logit_adjustment and self.class_weights == "none":
             raise UserError(f"--logit_adjustment {self.logit_adjustment} takes out part of the class weights' bias, "
                             f"but --class_weights is none; give --class_weights auto, sqrt or a file, or drop it")
@@ -331,14 +336,18 @@ def runs_on_gpu(device) -> bool:
 
 def machine_settings(preset: Preset, given: dict) -> tuple[dict, str]:
     """What the preset changes for the machine a new run trains on, and where: its on_gpu settings on a GPU, its
-    on_bf16_cpu settings on a CPU that computes bf16 natively and trains in it (--amp auto or bf16), else none."""
+    on_bf16_cpu settings on a CPU that computes bf16 natively and trains in it (--amp auto or bf16), else none;
+    less what the flags given set, and less the crop when --image_size is given (a crop suits its own size)."""
     device = given.get("device", "auto")
-    if runs_on_gpu(device):
-        return preset.on_gpu, ON_GPU
     on_cpu = device in ("auto", "cpu")  # auto without a GPU is the CPU
-    if on_cpu and given.get("amp", "auto") in ("auto", "bf16") and runtime.cpu_has_native_bf16():
-        return preset.on_bf16_cpu, ON_BF16_CPU
-    return {}, ""
+    if runs_on_gpu(device):
+        changes, machine = preset.on_gpu, ON_GPU
+    elif on_cpu and given.get("amp", "auto") in ("auto", "bf16") and runtime.cpu_has_native_bf16():
+        changes, machine = preset.on_bf16_cpu, ON_BF16_CPU
+    else:
+        return {}, ""
+    dropped = {*given, "crop_size"} if "image_size" in given else set(given)
+    return {key: value for key, value in changes.items() if key not in dropped}, machine
 
 
 def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainConfig, str]:
@@ -355,8 +364,6 @@ def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainCon
         raise UserError(f"--preset {name}: no such preset; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     for_machine, machine = machine_settings(preset, given)
-    if "image_size" in given:  # a machine's crop was chosen for its own image size
-        for_machine = {key: value for key, value in for_machine.items() if key != "crop_size"}
     if for_machine:
         why += f"; {machine}: " + " ".join(f"--{key} {value}" for key, value in for_machine.items())
     settings = {**preset.settings, **for_machine, "preset": name, **given, "world_size": world_size}

@@ -15,7 +15,7 @@ from config import PRESETS, TrainConfig
 from dataset import Indexed, collate_indexed
 from losses import CEDiceLoss
 import runtime
-from runtime import autocast_dtype, use_channels_last
+from runtime import UserError, autocast_dtype, use_channels_last
 from runtime import cpu_has_native_bf16 as real_cpu_has_native_bf16
 from unet import Predictor, UNet, weights_dict
 from conftest import tiny_args
@@ -101,6 +101,8 @@ def test_data_root_without_cityscapes_is_a_one_line_error(tmp_path, monkeypatch,
     (["--class_weights", "mfb"], "--class_weights mfb: expected none, auto, sqrt, or a file of weights"),
     (["--crop_size", "0x8"], "--crop_size: invalid size '0x8': expected WIDTHxHEIGHT with positive integers, e.g. "
                              "512x256"),
+    (["--scale_range", "1", "1", "--crop_size", "40x16"], "--crop_size 40x16 is larger than --image_size 32x16 at the "
+                                                           "largest --scale_range 1.0: every crop would be partly padding"),
 ])
 def test_invalid_flag_is_a_one_line_error(flags, message, city, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -138,17 +140,18 @@ def test_the_real_photo_presets_train_larger_photos_where_the_cpu_trains_in_bf16
         ("480x360", (320, 240), 16, 5, 30)
     assert why == f"camvid data at {root}; on a CPU with native bf16: --image_size 480x360 --crop_size 320x240"
     in_bf16 = config_module.resolve({"data_root": root, "device": "cpu", "amp": "bf16"})[0]
-    assert (in_bf16.image_size, in_bf16.crop_size) == ("480x360", "320x240")
+    assert (in_bf16.image_size, in_bf16.crop) == ("480x360", (320, 240))
     in_float32 = config_module.resolve({"data_root": root, "device": "cpu", "amp": "off"})[0]
     assert (in_float32.image_size, in_float32.crop) == ("240x180", (240, 180))
-    given = config_module.resolve({"data_root": root, "device": "cpu", "image_size": "160x120"})[0]
-    assert (given.image_size, given.crop) == ("160x120", (160, 120))
+    given, why = config_module.resolve({"data_root": root, "device": "cpu", "image_size": "160x120"})
+    assert (given.image_size, given.crop, why) == ("160x120", (160, 120), f"camvid data at {root}")
     both = config_module.resolve({"data_root": root, "device": "cpu", "image_size": "320x240", "crop_size": "160x120"})
     assert (both[0].image_size, both[0].crop) == ("320x240", (160, 120))
-    cropped = config_module.resolve({"data_root": root, "device": "cpu", "crop_size": "240x180"})[0]
+    cropped, why = config_module.resolve({"data_root": root, "device": "cpu", "crop_size": "240x180"})
     assert (cropped.image_size, cropped.crop) == ("480x360", (240, 180))
+    assert why == f"camvid data at {root}; on a CPU with native bf16: --image_size 480x360"
     folder = config_module.resolve({"preset": "folder", "data_root": root, "device": "cpu"})[0]
-    assert (folder.image_size, folder.crop_size) == ("480x360", "320x240")
+    assert (folder.image_size, folder.crop) == ("480x360", (320, 240))
     on_gpu = config_module.resolve({"data_root": root, "device": "cuda"})[0]
     assert (on_gpu.image_size, on_gpu.crop) == ("480x360", (480, 360))  # the GPU's own: the whole photo
     assert config_module.resolve({"data_root": root, "device": "xpu"})[0].image_size == "240x180"  # not a CPU
@@ -342,3 +345,12 @@ def test_steps_within_budget_counts_the_steps_that_fit_by_hand():
     assert training.steps_within_budget(1800, 660, 300, 2.0) == 300 + 570
     assert training.steps_within_budget(1800, 660, 300, 2.1) == 300 + 542  # rounded down: never over the budget
     assert training.steps_within_budget(600, 660, 300, 2.0) == 300  # over budget already: stop where it stands
+
+
+def test_a_resume_told_an_image_size_smaller_than_its_crop_is_a_one_line_error():
+    """A resumed run keeps its checkpoint's crop: an --image_size that crop no longer fits is named, not padded."""
+    saved = TrainConfig(image_size="480x360", crop_size="320x240", scale_range=(1.0, 1.0)).to_dict()
+    with pytest.raises(UserError, match=r"^--crop_size 320x240 is larger than --image_size 240x180 at the largest "
+                                        r"--scale_range 1.0: every crop would be partly padding$"):
+        config_module.resolve({"image_size": "240x180"}, saved)
+    assert config_module.resolve({"image_size": "640x480"}, saved)[0].crop == (320, 240)
