@@ -28,10 +28,9 @@ DATASETS = ("auto", "cityscapes", "camvid", "folder", "synthetic")
 COMPUTED_CLASS_WEIGHTS = ("auto", "sqrt")  # --class_weights computed from the train masks
 
 
-def option(default, help, group, default_text=None, **argparse_kwargs):
-    """A config field with its command-line help; default_text is what --help calls a default that is no value of
-    its own (crop_size's None: --image_size); argparse_kwargs go to add_argument (type, choices, ...)."""
-    return field(default=default, metadata=dict(help=help, group=group, default_text=default_text, **argparse_kwargs))
+def option(default, help, group, **argparse_kwargs):
+    """A config field with its command-line help; argparse_kwargs go to add_argument (type, choices, ...)."""
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_kwargs))
 
 
 SWITCH = dict(action=argparse.BooleanOptionalAction)
@@ -55,9 +54,8 @@ class TrainConfig:
                              "inference; evaluation scores at the labels' own size", "data")
     crop_size: str | None = option(None, "augmentation: train on random crops WIDTHxHEIGHT of the scaled image, "
                                    "so that a larger --image_size shows finer detail at the crop's cost per step; "
-                                   "evaluation and inference still run the whole image at --image_size; a "
-                                   "preset's crop is dropped when --image_size is given", "data",
-                                   default_text="--image_size")
+                                   "evaluation and inference still run the whole image at --image_size (default: "
+                                   "--image_size)", "data")
     train_id_files: bool = option(False, "Cityscapes: read the official _gtFine_labelTrainIds.png masks instead of "
                                   "mapping the _labelIds.png ones; default classes only", "data", **SWITCH)
     synthetic_train: int = option(300, "train images to generate for the synthetic city", "data", type=int)
@@ -296,9 +294,8 @@ REAL_PHOTOS_ON_GPU = dict(image_size="480x360", base_channels=32, training_itera
                           save_model_interval=500, scale_range=(0.5, 2.0), color_jitter=0.2, decay_factor=2e-3,
                           ema_decay=0.999, num_workers=6)
 # A CPU with native bf16 runs more than twice the steps in the same 30 minutes; spent on larger photos, they score
-# higher on a drive it never saw than as more steps at 240x180 or as a wider model, and 320x240 crops of the full
-# photo higher than the whole photo at 320x240 or at 480x360 (docs/camvid.md).
-REAL_PHOTOS_ON_BF16_CPU = dict(image_size="480x360", crop_size="320x240")
+# higher on a drive it never saw than as more steps at 240x180 or as a wider model (docs/camvid.md).
+REAL_PHOTOS_ON_BF16_CPU = dict(image_size="320x240")
 PRESETS["camvid"] = Preset("CamVid as the SegNet tutorial distributes it (11 classes): a 30-minute run on a 2-core CPU",
                            dict(dataset="camvid", data_root="Dataset/CamVid", data_cache="device", **REAL_PHOTOS),
                            REAL_PHOTOS_ON_GPU, REAL_PHOTOS_ON_BF16_CPU)
@@ -337,7 +334,7 @@ def runs_on_gpu(device) -> bool:
 def machine_settings(preset: Preset, given: dict) -> tuple[dict, str]:
     """What the preset changes for the machine a new run trains on, and where: its on_gpu settings on a GPU, its
     on_bf16_cpu settings on a CPU that computes bf16 natively and trains in it (--amp auto or bf16), else none;
-    less what the flags given set, and less the crop when --image_size is given (a crop suits its own size)."""
+    less what the flags given set, so that the first line names only what the preset changed."""
     device = given.get("device", "auto")
     on_cpu = device in ("auto", "cpu")  # auto without a GPU is the CPU
     if runs_on_gpu(device):
@@ -346,8 +343,7 @@ def machine_settings(preset: Preset, given: dict) -> tuple[dict, str]:
         changes, machine = preset.on_bf16_cpu, ON_BF16_CPU
     else:
         return {}, ""
-    dropped = {*given, "crop_size"} if "image_size" in given else set(given)
-    return {key: value for key, value in changes.items() if key not in dropped}, machine
+    return {key: value for key, value in changes.items() if key not in given}, machine
 
 
 def resolve(given: dict, checkpoint_config=None, world_size=1) -> tuple[TrainConfig, str]:
@@ -456,29 +452,27 @@ def build_parser(description) -> argparse.ArgumentParser:
         if not config_field.metadata:
             continue
         options = dict(config_field.metadata)
-        help_text, group, default_text = options.pop("help"), options.pop("group"), options.pop("default_text")
+        help_text, group = options.pop("help"), options.pop("group")
         if config_field.name == "preset":
             options["choices"] = list(PRESETS)
         elif "(default:" not in help_text:
-            help_text += f" ({default_note(config_field, default_text)})"
+            help_text += f" ({default_note(config_field)})"
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         groups[group].add_argument(f"--{config_field.name}", default=None, help=help_text, **options)
     return parser
 
 
-def default_note(config_field, default_text=None) -> str:
-    """'default: 64; synthetic: 16; camvid: 16 (32 on a GPU, ...)': the field's default (or default_text) and each
-    preset that sets another value, or another on some machines."""
-    default = default_text or shown(config_field.default)
-    note = f"default: {default}"
+def default_note(config_field) -> str:
+    """'default: 64; synthetic: 16; camvid: 16 (32 on a GPU, ...)': the field's default and each preset that sets
+    another value, or another on some machines."""
+    note = f"default: {shown(config_field.default)}"
     for name, preset in PRESETS.items():
         value = preset.settings.get(config_field.name, config_field.default)
         elsewhere = [f"{shown(changes[config_field.name])} {machine}" for machine, changes in preset.machine_changes()
                      if changes.get(config_field.name, value) != value]
         if value != config_field.default or elsewhere:
-            value_text = default if value == config_field.default else shown(value)
-            note += f"; {name}: {value_text}" + (f" ({', '.join(elsewhere)})" if elsewhere else "")
+            note += f"; {name}: {shown(value)}" + (f" ({', '.join(elsewhere)})" if elsewhere else "")
     return note
 
 

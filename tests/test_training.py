@@ -47,12 +47,10 @@ def test_help_documents_every_flag_with_its_default(capsys):
     assert help_text.count("(default:") >= len(flags) - 1  # all but --preset, whose default is the data's choice
     base_channels_note = "(default: 64; synthetic: 16; camvid: 16 (32 on a GPU); folder: 16 (32 on a GPU))"
     assert base_channels_note in help_text
-    assert ("camvid: 240x180 (480x360 on a GPU, 480x360 on a CPU with native bf16); folder: 240x180 (480x360 on a "
-            "GPU, 480x360 on a CPU with native bf16)") in help_text  # --image_size
-    assert ("(default: --image_size; camvid: --image_size (320x240 on a CPU with native bf16); folder: --image_size "
-            "(320x240 on a CPU with native bf16))") in help_text  # --crop_size
+    assert ("camvid: 240x180 (480x360 on a GPU, 320x240 on a CPU with native bf16); folder: 240x180 (480x360 on a "
+            "GPU, 320x240 on a CPU with native bf16)") in help_text  # --image_size
     assert "camvid: CamVid as the SegNet tutorial distributes it" in help_text
-    assert help_text.count("on a CPU with native bf16: image_size=480x360, crop_size=320x240") == 2  # camvid, folder
+    assert help_text.count("on a CPU with native bf16: image_size=320x240") == 2  # camvid and folder
     assert "images per micro-batch and process (default: 8" in help_text
     assert "synthetic: 8)" not in help_text  # the demo's batch size is the default's: not repeated
     for name, preset in PRESETS.items():  # the presets are listed with what each sets
@@ -131,29 +129,20 @@ def test_the_camvid_preset_trains_at_full_size_on_a_gpu(make_camvid, monkeypatch
 def test_the_real_photo_presets_train_larger_photos_where_the_cpu_trains_in_bf16_natively(make_camvid, tmp_path,
                                                                                          monkeypatch):
     """Such a CPU runs more than twice the steps in the 30 minutes: the camvid and folder presets train 320x240
-    crops of 480x360 photos there (said in why), not where training is float32 (--amp off, or no native bf16), nor
-    on a GPU; flags win, and a given --image_size drops the machine's crop, which was chosen for its own size."""
+    photos there (said in why), not where training is float32 (--amp off, or no native bf16), nor on a GPU; flags
+    win."""
     root = str(make_camvid())
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     larger, why = config_module.resolve({"data_root": root, "device": "cpu"})
-    assert (larger.image_size, larger.crop, larger.base_channels, larger.depth, larger.time_budget) == \
-        ("480x360", (320, 240), 16, 5, 30)
-    assert why == f"camvid data at {root}; on a CPU with native bf16: --image_size 480x360 --crop_size 320x240"
-    in_bf16 = config_module.resolve({"data_root": root, "device": "cpu", "amp": "bf16"})[0]
-    assert (in_bf16.image_size, in_bf16.crop) == ("480x360", (320, 240))
-    in_float32 = config_module.resolve({"data_root": root, "device": "cpu", "amp": "off"})[0]
-    assert (in_float32.image_size, in_float32.crop) == ("240x180", (240, 180))
+    assert (larger.image_size, larger.base_channels, larger.depth, larger.time_budget) == ("320x240", 16, 5, 30)
+    assert why == f"camvid data at {root}; on a CPU with native bf16: --image_size 320x240"
+    assert config_module.resolve({"data_root": root, "device": "cpu", "amp": "bf16"})[0].image_size == "320x240"
+    assert config_module.resolve({"data_root": root, "device": "cpu", "amp": "off"})[0].image_size == "240x180"
     given, why = config_module.resolve({"data_root": root, "device": "cpu", "image_size": "160x120"})
-    assert (given.image_size, given.crop, why) == ("160x120", (160, 120), f"camvid data at {root}")
-    both = config_module.resolve({"data_root": root, "device": "cpu", "image_size": "320x240", "crop_size": "160x120"})
-    assert (both[0].image_size, both[0].crop) == ("320x240", (160, 120))
-    cropped, why = config_module.resolve({"data_root": root, "device": "cpu", "crop_size": "240x180"})
-    assert (cropped.image_size, cropped.crop) == ("480x360", (240, 180))
-    assert why == f"camvid data at {root}; on a CPU with native bf16: --image_size 480x360"
+    assert (given.image_size, why) == ("160x120", f"camvid data at {root}")  # nothing left for the machine to set
     folder = config_module.resolve({"preset": "folder", "data_root": root, "device": "cpu"})[0]
-    assert (folder.image_size, folder.crop) == ("480x360", (320, 240))
-    on_gpu = config_module.resolve({"data_root": root, "device": "cuda"})[0]
-    assert (on_gpu.image_size, on_gpu.crop) == ("480x360", (480, 360))  # the GPU's own: the whole photo
+    assert folder.image_size == "320x240"
+    assert config_module.resolve({"data_root": root, "device": "cuda"})[0].image_size == "480x360"  # the GPU's own
     assert config_module.resolve({"data_root": root, "device": "xpu"})[0].image_size == "240x180"  # not a CPU
     demo = config_module.resolve({"preset": "synthetic", "device": "cpu", "out_dir": str(tmp_path)})[0]
     assert demo.image_size == PRESETS["synthetic"].settings["image_size"]  # the demo has no such setting
