@@ -1,8 +1,8 @@
 """Video files through inference.py: frames are decoded, segmented in batches exactly as photos are, and the
-palette over each frame is encoded as H.264, all three at once (a decoding thread, the model alone in the main
-thread, a thread that finishes each frame: upsampling, argmax, overlay, encoding; joined by small queues), so
-memory stays flat whatever the video's length. The overlay is blended into the frame's own Y, U and V planes, the
-form the decoder gives and the encoder takes, so no frame is converted to RGB and back for it.
+palette over each frame is encoded as H.264, all at once (a decoding thread, the model's workers, a thread that
+finishes each frame: upsampling, argmax, overlay, encoding; joined by small queues), so memory stays flat whatever
+the video's length. The overlay is blended into the frame's own Y, U and V planes, the form the decoder gives and
+the encoder takes, so no frame is converted to RGB and back for it.
 
     python inference.py --input drive.mp4            # -> OUTPUT/drive_overlay.mp4
     python inference.py --input drive.mp4 --frames   # also OUTPUT/drive/000000_mask.png, ...
@@ -10,6 +10,7 @@ form the decoder gives and the encoder takes, so no frame is converted to RGB an
 PyAV (the av package: FFmpeg with libx264 bundled) is imported only when a video is met, so photos never need it.
 """
 import collections
+import contextlib
 import os
 import queue
 import threading
@@ -319,13 +320,39 @@ def write_frame_files(folder, index, mask, confidence, mask_values):
         write_image_atomically(folder / f"{index:06d}_confidence.png", confidence)
 
 
+@contextlib.contextmanager
+def model_workers(segmenter):
+    """(pool, workers): the threads that run the model. A PyTorch model on a CPU with two or more threads gets two
+    workers with half the threads each (an odd one left to the decoding and finishing threads): while one waits
+    at the end of an op for its slowest thread, the other computes (docs/video.md). A GPU or ONNX Runtime gets one.
+    On leaving, queued batches are dropped and the caller's thread count, which a worker's also sets as the default
+    for threads started later, is restored."""
+    threads = torch.get_num_threads()
+    split = segmenter.model is not None and segmenter.device.type == "cpu" and threads >= 2
+    workers = 2 if split else 1
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads if split else None,
+                              initargs=(threads // 2,) if split else ())
+    try:
+        yield pool, workers
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def batch_parts(batch, workers):
+    """The batch in at most `workers` consecutive parts, one for each worker: together they hold what one batch
+    holds, so two workers need no more memory than one."""
+    size = -(-len(batch) // workers)
+    return [batch[start:start + size] for start in range(0, len(batch), size)]
+
+
 def segment_frames(reader, writer, segmenter, args, mask_values, folder, progress):
-    """The model's loop: batches of decoded frames in, their scores to the finishing thread (smoothing, upsampling,
-    overlay, encoding) and frame files to the writing threads, so the model never waits for them; at most two
-    batches are in flight, so memory stays flat."""
+    """The main loop: batches of decoded frames to the model's workers, their scores in order to the finishing
+    thread (smoothing, upsampling, overlay, encoding) and frame files to the writing threads, so the model never
+    waits for them. At most two batches wait for the model and two for the finishing thread: memory stays flat."""
     smoother = Smoother(args.smooth, segmenter.tta != "none")
     overlay = PictureOverlay(writer.av, segmenter.class_table.colors, args.alpha)
-    pending, file_jobs = collections.deque(), collections.deque()
+    in_model, pending, file_jobs = collections.deque(), collections.deque(), collections.deque()
 
     def finish(batch, batch_scores):
         for (index, picture, _), scores in zip(batch, batch_scores):
@@ -338,12 +365,23 @@ def segment_frames(reader, writer, segmenter, args, mask_values, folder, progres
                 while len(file_jobs) > 4 * args.batch_size:
                     file_jobs.popleft().result()
 
-    with ThreadPoolExecutor(args.writer_threads) as files, ThreadPoolExecutor(1) as finisher:
-        for batch in reader.batches(args.batch_size):
-            pending.append(finisher.submit(finish, batch, segmenter.scores(torch.stack([item[2] for item in batch]))))
-            while len(pending) > 2:
+    def to_finisher(keep):
+        """Hands the model's oldest batches, in order, to the finishing thread until `keep` remain with it."""
+        while len(in_model) > keep:
+            batch, scores = in_model.popleft()
+            pending.append(finisher.submit(finish, batch, scores.result()))
+            while len(pending) > 2 * workers:
                 pending.popleft().result()
             progress.update(len(batch))
+
+    threads = torch.get_num_threads()  # the finishing thread's too, not the workers' (docs/video.md)
+    with model_workers(segmenter) as (pool, workers), ThreadPoolExecutor(args.writer_threads) as files, \
+            ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as finisher:
+        for batch in reader.batches(args.batch_size):
+            for part in batch_parts(batch, workers):
+                in_model.append((part, pool.submit(segmenter.scores, torch.stack([item[2] for item in part]))))
+            to_finisher(keep=workers)
+        to_finisher(keep=0)
         for job in pending:
             job.result()
         for job in file_jobs:  # complete: the finishing thread has no batch left

@@ -7,7 +7,9 @@
 Speed: a --seconds clip at --rate made from --frames_dir's photos (consecutive frames of one drive, looped), timed
 round-robin: inference.py on the video file (decode, resize, model, upsample, argmax, overlay, H.264 encode) against
 the model alone (Segmenter.scores in batches of --batch_size) on the same frames already decoded and resized in
-memory. Without --checkpoint the model is an untrained one of the camvid preset's architecture and size: speed does
+memory, run two ways: in the calling thread, as photos run it ("model"), and in the video's model workers ("model in
+workers": on a CPU, two with half the threads each, often the faster). The ratio that counts is the one against the
+faster. Without --checkpoint the model is an untrained one of the camvid preset's architecture and size: speed does
 not depend on the weights. Memory: the peak resident set of inference.py on clips of each --rss_minutes length.
 Stages: each step of the video path timed alone, in one thread and in all, to show where the CPU goes.
 """
@@ -96,9 +98,9 @@ def with_cpu_time(run, cpu_seconds):
 
 
 def speed(args, checkpoint, clip, count):
-    """{candidate: (fps, CPU ms per frame)} for inference.py on the clip and the model alone, timed round-robin.
-    CPU time counts every thread of this process, so it shows what decoding and encoding add even when other
-    processes on a shared machine make the wall-clock fps noisy."""
+    """{candidate: (fps, CPU ms per frame)} for inference.py on the clip and the model alone (in this thread, and in
+    the video's model workers), timed round-robin. CPU time counts every thread of this process, so it shows what
+    decoding and encoding add even when other processes on a shared machine make the wall-clock fps noisy."""
     segmenter = inference.Segmenter(checkpoint, device="cpu")
     inputs = decoded_inputs(clip, segmenter)
     batches = [torch.stack(inputs[start:start + args.batch_size]) for start in range(0, len(inputs), args.batch_size)]
@@ -108,9 +110,16 @@ def speed(args, checkpoint, clip, count):
         for batch in batches:
             segmenter.scores(batch)  # dropped at once, as the video path does: keeping all would page in fresh memory
 
-    cpu = {"video": [], "model": []}
+    def model_in_workers():
+        with video.model_workers(segmenter) as (pool, workers):
+            parts = [part for batch in batches for part in video.batch_parts(batch, workers)]
+            for _ in pool.map(segmenter.scores, parts):
+                pass
+
+    cpu = {"video": [], "model": [], "model in workers": []}
     candidates = {"video": with_cpu_time(lambda: inference.predict(cli, segmenter), cpu["video"]),
-                  "model": with_cpu_time(model_alone, cpu["model"])}
+                  "model": with_cpu_time(model_alone, cpu["model"]),
+                  "model in workers": with_cpu_time(model_in_workers, cpu["model in workers"])}
     times = harness.interleaved_times(candidates, args.repeats, torch.device("cpu"))
     for name, values in times.items():
         print(f"{name}: fps per round {', '.join(f'{count / value:.1f}' for value in values)}")
@@ -202,10 +211,11 @@ def run(args):
     print(harness.machine_header(torch.device("cpu")))
     width, height = args.size
     results = speed(args, checkpoint, clip, count)
-    (video_fps, video_cpu), (model_fps, model_cpu) = results["video"], results["model"]
-    rows = [[f"{count} frames {width}x{height}, batch {args.batch_size}", f"{video_fps:.1f}", f"{model_fps:.1f}",
-             f"{video_fps / model_fps:.2f}", f"{video_cpu:.0f}", f"{model_cpu:.0f}", f"{model_cpu / video_cpu:.2f}"]]
-    print(harness.format_table(["clip", "inference.py on the video (fps)", "model alone (fps)", "ratio",
+    video_fps, video_cpu = results.pop("video")
+    rows = [[f"{count} frames {width}x{height}, batch {args.batch_size}", name, f"{video_fps:.1f}", f"{model_fps:.1f}",
+             f"{video_fps / model_fps:.2f}", f"{video_cpu:.0f}", f"{model_cpu:.0f}", f"{model_cpu / video_cpu:.2f}"]
+            for name, (model_fps, model_cpu) in results.items()]
+    print(harness.format_table(["clip", "against", "inference.py on the video (fps)", "model alone (fps)", "ratio",
                                 "video CPU ms/frame", "model CPU ms/frame", "CPU ratio"], rows))
     if args.stages:
         print(harness.format_table(["stage", "1 thread: wall ms/frame", "CPU ms/frame",

@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import inference
@@ -72,10 +74,28 @@ def checkpoint(tmp_path):
     return save_checkpoint(tmp_path / "unet_model.pth", tiny_unet())
 
 
+def threads_of_a_new_thread():
+    """The torch thread count a thread started now gets: the process's default, which torch.set_num_threads sets."""
+    counts = []
+    thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return counts[0]
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, so that on any machine the video's model runs in two workers on half batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("size,rate,pix_fmt,suffix", [((48, 64), Fraction(30000, 1001), "yuv420p", ".mkv"),
                                                       ((47, 63), Fraction(25), "yuv444p", ".mp4")])
 def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_are_segmented_as_photos(
-        tmp_path, checkpoint, size, rate, pix_fmt, suffix):
+        tmp_path, checkpoint, size, rate, pix_fmt, suffix, two_threads):
     videos, output = tmp_path / "videos", tmp_path / "out"
     videos.mkdir()
     source = write_video(videos / f"drive{suffix}", moving_frames(23, *size), rate, pix_fmt=pix_fmt)
@@ -91,9 +111,10 @@ def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_ar
     overlays, frames = decoded_frames(output / "drive_overlay.mp4"), decoded_frames(source)
     assert len(overlays) == len(frames) == 23
     segmenter = inference.Segmenter(checkpoint, device="cpu")
+    with video.model_workers(segmenter) as (pool, _):  # with the thread count the video's model ran with
+        as_photos = pool.submit(lambda: [segmenter(frame, confidence=True) for frame in frames]).result()
     expected = []
-    for index, frame in enumerate(frames):
-        mask, confidence = segmenter(frame, confidence=True)
+    for index, (frame, (mask, confidence)) in enumerate(zip(frames, as_photos)):
         np.testing.assert_array_equal(np.array(Image.open(output / "drive" / f"{index:06d}_mask.png")), mask)
         gray = np.array(Image.open(output / "drive" / f"{index:06d}_confidence.png")).astype(np.int16)
         assert_same_gray(gray, confidence)
@@ -102,6 +123,45 @@ def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_ar
     errors = np.array([[np.abs(shown - want).mean() for want in expected] for shown in overlays])
     assert (errors.argmin(1) == np.arange(23)).all() and errors.diagonal().max() < 10
     assert sorted(path.name for path in output.iterdir()) == ["drive", "drive_overlay.mp4"]
+
+
+
+@pytest.mark.parametrize("threads,workers,part_size", [(1, 1, 4), (4, 2, 2)])
+def test_on_a_cpu_the_model_runs_in_two_workers_on_half_batches_and_thread_counts_are_restored(
+        tmp_path, checkpoint, monkeypatch, threads, workers, part_size):
+    source = write_video(tmp_path / "drive.mkv", moving_frames(24))
+    model_calls, finishing_threads = set(), set()
+    real_scores, real_finish = inference.Segmenter.scores, video.mask_and_confidence
+
+    def recorded_scores(self, inputs):
+        model_calls.add((threading.get_ident(), torch.get_num_threads(), len(inputs)))
+        time.sleep(0.05)  # the first part is still running when the second comes
+        return real_scores(self, inputs)
+
+    def recorded_finish(*args, **kwargs):
+        finishing_threads.add(torch.get_num_threads())
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(inference.Segmenter, "scores", recorded_scores)
+    monkeypatch.setattr(video, "mask_and_confidence", recorded_finish)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out", "--batch_size", 4) == 0
+        started_later = threads_of_a_new_thread()
+    finally:
+        torch.set_num_threads(before)
+    assert len({ident for ident, _, _ in model_calls}) == workers
+    assert {(count, size) for _, count, size in model_calls} == {(max(1, threads // 2), part_size)}
+    assert finishing_threads == {threads} and started_later == threads
+    assert len(decoded_frames(tmp_path / "out" / "drive_overlay.mp4")) == 24
+
+
+def test_model_workers_leave_threads_started_later_the_callers_thread_count(checkpoint, two_threads):
+    segmenter = inference.Segmenter(checkpoint, device="cpu")
+    with video.model_workers(segmenter) as (pool, workers):
+        assert workers == 2 and pool.submit(torch.get_num_threads).result() == 1
+    assert threads_of_a_new_thread() == 2
 
 
 SATURATED = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 64, 0),
@@ -385,25 +445,28 @@ def test_smoothing_averages_the_class_probabilities_of_the_last_frames(tmp_path,
 
 
 def test_ctrl_c_during_a_video_keeps_a_playable_partial_overlay_and_a_rerun_finishes_it(tmp_path, checkpoint,
-                                                                                         monkeypatch, capsys):
+                                                                                         monkeypatch, capsys,
+                                                                                         two_threads):
     source = write_video(tmp_path / "drive.mkv", moving_frames(30))
     output = tmp_path / "out"
-    calls = []
     real_scores = inference.Segmenter.scores
+    inputs_of = [inference.Segmenter(checkpoint, device="cpu").model_input(frame) for frame in decoded_frames(source)]
 
-    def interrupted_on_the_third_batch(self, inputs):
-        calls.append(len(inputs))
-        if len(calls) == 3:
+    def interrupted_at_the_ninth_frame(self, inputs):  # the third batch, or the part of it a model worker runs
+        first = next((index for index, frame in enumerate(inputs_of) if torch.equal(frame, inputs[0])), None)
+        assert first is not None, "a batch that starts with no frame of the video"
+        if first <= 8 < first + len(inputs):
             raise KeyboardInterrupt
         return real_scores(self, inputs)
 
-    monkeypatch.setattr(inference.Segmenter, "scores", interrupted_on_the_third_batch)
+    monkeypatch.setattr(inference.Segmenter, "scores", interrupted_at_the_ninth_frame)
     assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--batch_size", 4) == 130
     partial = output / "drive_overlay.partial.mp4"
     assert capsys.readouterr().err.strip() == (f"interrupted: {source}: the 8 frames segmented so far are in {partial} "
                                                f"(playable; run again to finish it)")
     assert len(decoded_frames(partial)) == 8
     assert sorted(path.name for path in output.iterdir()) == ["drive_overlay.partial.mp4"]
+    assert threads_of_a_new_thread() == 2  # the workers' count did not outlive the interruption
     monkeypatch.setattr(inference.Segmenter, "scores", real_scores)
     assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--skip_existing") == 0
     assert sorted(path.name for path in output.iterdir()) == ["drive_overlay.mp4"]
