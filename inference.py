@@ -447,8 +447,9 @@ def build_parser():
                                           f"{DEFAULT_EVAL_OUTPUT} with --evaluate)")
     parser.add_argument("--image_size", type=size_arg,
                         help="model input WxH (default: the --image_size the checkpoint records)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass; on a CPU, a video's go half to each of two model "
-                        "workers (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="images per forward pass; on a CPU, a video's go half to each of two model workers "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                         help="autocast dtype; auto: float32 on every CPU (the same masks on any CPU and from the "

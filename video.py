@@ -374,7 +374,7 @@ def segment_frames(reader, writer, segmenter, args, mask_values, folder, progres
                 pending.popleft().result()
             progress.update(len(batch))
 
-    threads = torch.get_num_threads()  # the finishing thread's too, not the workers' (docs/video.md)
+    threads = torch.get_num_threads()  # the caller's count, kept by the finishing thread (docs/video.md says why)
     with model_workers(segmenter) as (pool, workers), ThreadPoolExecutor(args.writer_threads) as files, \
             ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as finisher:
         for batch in reader.batches(args.batch_size):

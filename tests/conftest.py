@@ -1,4 +1,5 @@
 """Shared fixtures: tiny Cityscapes trees laid out exactly like the official release, extra files included."""
+import contextlib
 import json
 
 import numpy as np
@@ -89,14 +90,23 @@ def native_bf16(request, monkeypatch):
     return native
 
 
+@contextlib.contextmanager
+def torch_threads(count):
+    """`count` intra-op threads inside the block, the caller's again after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a whole test module: bit-identical weights need the same thread count in every run
     (in process and in subprocesses), and on a shared 2-core machine one thread beats two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

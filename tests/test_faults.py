@@ -18,7 +18,7 @@ import runtime
 import synthetic_city
 import training
 from bench import restarts
-from conftest import TINY
+from conftest import TINY, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,10 +105,8 @@ def reference_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("full_disk")
     city = folder / "city"
     synthetic_city.generate(city, 8, 4, size=(32, 16), seed=0, workers=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train(city, folder / "reference", *FULL_DISK_RUN)
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        train(city, folder / "reference", *FULL_DISK_RUN)
     return city, folder / "reference"
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import inference
-from conftest import FOLDER_CLASSES, write_folder_dataset
+from conftest import FOLDER_CLASSES, torch_threads, write_folder_dataset
 from dataset import SegmentationDataset
 from unet import UNet, save_weights
 
@@ -27,15 +27,11 @@ def train_tiny_model(root, input_norm="dataset"):
     data = SegmentationDataset(root, "train", SIZE, layout="folder")
     images, masks = map(torch.stack, zip(*(data[index] for index in range(len(data)))))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is several times faster on a shared machine
-    try:
+    with torch_threads(1):  # tiny tensors: one thread is several times faster on a shared machine
         for _ in range(60):
             optimizer.zero_grad()
             F.cross_entropy(model(images), masks, ignore_index=255).backward()
             optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 import inference
 import unet
 import video
-from conftest import noise
+from conftest import noise, torch_threads
 from dataset import read_photo
 from test_inference import run, save_checkpoint, tiny_unet
 
@@ -86,10 +86,8 @@ def threads_of_a_new_thread():
 @pytest.fixture
 def two_threads():
     """Two torch threads, so that on any machine the video's model runs in two workers on half batches."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("size,rate,pix_fmt,suffix", [((48, 64), Fraction(30000, 1001), "yuv420p", ".mkv"),
@@ -125,7 +123,6 @@ def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_ar
     assert sorted(path.name for path in output.iterdir()) == ["drive", "drive_overlay.mp4"]
 
 
-
 @pytest.mark.parametrize("threads,workers,part_size", [(1, 1, 4), (4, 2, 2)])
 def test_on_a_cpu_the_model_runs_in_two_workers_on_half_batches_and_thread_counts_are_restored(
         tmp_path, checkpoint, monkeypatch, threads, workers, part_size):
@@ -144,13 +141,9 @@ def test_on_a_cpu_the_model_runs_in_two_workers_on_half_batches_and_thread_count
 
     monkeypatch.setattr(inference.Segmenter, "scores", recorded_scores)
     monkeypatch.setattr(video, "mask_and_confidence", recorded_finish)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out", "--batch_size", 4) == 0
         started_later = threads_of_a_new_thread()
-    finally:
-        torch.set_num_threads(before)
     assert len({ident for ident, _, _ in model_calls}) == workers
     assert {(count, size) for _, count, size in model_calls} == {(max(1, threads // 2), part_size)}
     assert finishing_threads == {threads} and started_later == threads
