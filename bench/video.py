@@ -9,8 +9,10 @@ round-robin: inference.py on the video file (decode, resize, model, upsample, ar
 the model alone (Segmenter.scores in batches of --batch_size) on the same frames already decoded and resized in
 memory, run two ways: in the calling thread, as photos run it ("model"), and in the video's model workers ("model in
 workers": on a CPU, two with half the threads each, often the faster). The ratio that counts is the one against the
-faster. Without --checkpoint the model is an untrained one of the camvid preset's architecture and size: speed does
-not depend on the weights. Memory: the peak resident set of inference.py on clips of each --rss_minutes length.
+faster. For reference only, "masks in workers" also upsamples each frame's scores to its full-size mask (argmax),
+as every photo needs too: against it, what the video path adds is decoding, the overlay and encoding. Without
+--checkpoint the model is an untrained one of the camvid preset's architecture and size: speed does not depend on
+the weights. Memory: the peak resident set of inference.py on clips of each --rss_minutes length.
 Stages: each step of the video path timed alone, in one thread and in all, to show where the CPU goes.
 """
 import argparse
@@ -110,16 +112,20 @@ def speed(args, checkpoint, clip, count):
         for batch in batches:
             segmenter.scores(batch)  # dropped at once, as the video path does: keeping all would page in fresh memory
 
-    def model_in_workers():
+    def model_in_workers(work=segmenter.scores):
         with video.model_workers(segmenter) as (pool, workers):
             parts = [part for batch in batches for part in video.batch_parts(batch, workers)]
-            for _ in pool.map(segmenter.scores, parts):
+            for _ in pool.map(work, parts):
                 pass
 
-    cpu = {"video": [], "model": [], "model in workers": []}
+    def masks(part):
+        return [mask_and_confidence(scores, args.size[::-1])[0] for scores in segmenter.scores(part)]
+
+    cpu = {"video": [], "model": [], "model in workers": [], "masks in workers": []}
     candidates = {"video": with_cpu_time(lambda: inference.predict(cli, segmenter), cpu["video"]),
                   "model": with_cpu_time(model_alone, cpu["model"]),
-                  "model in workers": with_cpu_time(model_in_workers, cpu["model in workers"])}
+                  "model in workers": with_cpu_time(model_in_workers, cpu["model in workers"]),
+                  "masks in workers": with_cpu_time(lambda: model_in_workers(masks), cpu["masks in workers"])}
     times = harness.interleaved_times(candidates, args.repeats, torch.device("cpu"))
     for name, values in times.items():
         print(f"{name}: fps per round {', '.join(f'{count / value:.1f}' for value in values)}")
@@ -215,8 +221,8 @@ def run(args):
     rows = [[f"{count} frames {width}x{height}, batch {args.batch_size}", name, f"{video_fps:.1f}", f"{model_fps:.1f}",
              f"{video_fps / model_fps:.2f}", f"{video_cpu:.0f}", f"{model_cpu:.0f}", f"{model_cpu / video_cpu:.2f}"]
             for name, (model_fps, model_cpu) in results.items()]
-    print(harness.format_table(["clip", "against", "inference.py on the video (fps)", "model alone (fps)", "ratio",
-                                "video CPU ms/frame", "model CPU ms/frame", "CPU ratio"], rows))
+    print(harness.format_table(["clip", "against", "inference.py on the video (fps)", "alone, frames in memory (fps)",
+                                "ratio", "video CPU ms/frame", "alone CPU ms/frame", "CPU ratio"], rows))
     if args.stages:
         print(harness.format_table(["stage", "1 thread: wall ms/frame", "CPU ms/frame",
                                     f"{torch.get_num_threads()} threads: wall ms/frame", "CPU ms/frame"],
