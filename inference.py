@@ -44,8 +44,8 @@ from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAG
                      read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
 from onnx_runtime import EXPORT_REQUIREMENTS, OnnxPredictor, export_onnx
-from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, one_line, remove_stale_temp_files,
-                     resolve_device, run_cli, size_arg, write_image_atomically)
+from runtime import (DEFAULT_IMAGE_SIZE, INTERRUPTED_EXIT_CODE, UserError, atomic_write, one_line,
+                     remove_stale_temp_files, resolve_device, run_cli, size_arg, write_image_atomically)
 from unet import (INPUT_NORMS, TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
                   upsample_confidence)
 import video
@@ -366,6 +366,7 @@ def segment_videos(paths, names, args, segmenter, values, output_dir, skip):
     done = 0
     for path in paths:
         if args.skip_existing and video.is_done(av, output_dir, names[path], args):
+            video.overlay_path(output_dir, names[path], partial=True).unlink(missing_ok=True)  # Ctrl-C's, superseded
             done += 1
             continue
         try:
@@ -551,24 +552,40 @@ def main(argv=None):
             return export_onnx(segmenter, args.export, args.data_root if args.int8 else None)
         return evaluate_split(args, segmenter) if args.evaluate else predict(args, segmenter)
 
-    with interrupted_by_sigterm():
+    with interrupted_once():
         return run_cli(run)
 
 
 @contextlib.contextmanager
-def interrupted_by_sigterm():
-    """SIGTERM (kill, a job scheduler's stop) acts as Ctrl-C does: files being written are finished or left
-    under temporary names, and a video's overlay so far is closed as a playable file."""
+def interrupted_once():
+    """Ctrl-C (SIGINT) and SIGTERM (kill, a job scheduler's stop) interrupt once: files being written are finished or
+    left under temporary names, and a video's overlay so far is closed as a playable file. A second signal during
+    that cleanup is ignored, with a line saying so: raised inside it, it would abandon threads part way through their
+    files. A third stops at once; what was being written stays under temporary names, which the next run removes."""
+    received = []
+
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt
+        if len(received) == 2:
+            print("\nstill closing the files being written; signal again to stop at once", file=sys.stderr)
+            return
+        print("stopped at once: unfinished files are left under temporary names (.NAME...), removed by the next run",
+              file=sys.stderr)
+        os._exit(INTERRUPTED_EXIT_CODE)
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT only where Python would raise KeyboardInterrupt: a job started with SIGINT ignored keeps ignoring it
+    signals = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    previous = {number: signal.signal(number, interrupt) for number in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

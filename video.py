@@ -26,7 +26,9 @@ from runtime import Stopped, import_optional, one_line, remove_stale_temp_files,
 from unet import mask_and_confidence
 from visualize import blend_rows, blend_table
 
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".ts", ".mts", ".mpg", ".mpeg", ".wmv", ".flv"}
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".m2v",
+                  ".vob", ".wmv", ".asf", ".flv", ".f4v", ".3gp", ".3g2", ".ogv", ".mxf", ".dv", ".y4m", ".h264",
+                  ".264", ".h265", ".hevc"}
 VIDEO_REQUIREMENTS = "requirements-video.txt"
 ENCODER_OPTIONS = {"crf": "20", "preset": "superfast"}  # x264: visually clean at 2 cores' speed (docs/video.md)
 FALLBACK_RATE = Fraction(30)  # for the rare stream that records no frame rate
@@ -194,12 +196,14 @@ class OverlayWriter:
     """An H.264 mp4 of the source's frame size and rate, written under a temporary name beside the output and
     renamed when closed: a killed run never leaves a half-written video under an output's name."""
 
-    def __init__(self, av, path, width, height, rate):
+    def __init__(self, av, path, width, height, rate, sample_aspect_ratio=None):
         self.av, self.count = av, 0
         self.temp_path = temp_path(path)
         self.container = av.open(str(self.temp_path), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
         self.stream.width, self.stream.height = width, height
+        if sample_aspect_ratio:  # non-square pixels (anamorphic, DV): shown at the source's shape
+            self.stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
         self.stream.pix_fmt = picture_format(width, height)
 
     def write(self, picture):
@@ -307,8 +311,11 @@ def is_done(av, output_dir, name, args):
         return False
     if not args.frames:
         return True
-    with av.open(str(path)) as written:
-        count = written.streams.video[0].frames
+    try:
+        with av.logging.Capture(local=False), av.open(str(path)) as written:
+            count = written.streams.video[0].frames
+    except (av.error.FFmpegError, OSError, IndexError):  # not an overlay we wrote (damaged, replaced): make it again
+        return False
     kinds = ("mask", "confidence") if args.save_confidence else ("mask",)
     folder = frames_folder(output_dir, name)
     return all((folder / f"{index:06d}_{kind}.png").is_file() for index in range(count) for kind in kinds)
@@ -402,7 +409,8 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
             folder.mkdir(exist_ok=True)
             remove_stale_temp_files(folder)
         reader = FrameReader(av, container, stream, segmenter.model_input, 2 * args.batch_size, damage_at_open)
-        writer = OverlayWriter(av, overlay_path(output_dir, name), context.width, context.height, rate)
+        writer = OverlayWriter(av, overlay_path(output_dir, name), context.width, context.height, rate,
+                               context.sample_aspect_ratio)
         progress = tqdm(total=stream.frames or None, unit="frame", desc=Path(path).name, dynamic_ncols=True,
                         disable=None)
         try:

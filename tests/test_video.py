@@ -277,6 +277,46 @@ def test_a_folder_may_mix_photos_and_videos(tmp_path, checkpoint, capsys):
     assert len(decoded_frames(output / "clip_overlay.mp4")) == 5
 
 
+
+def test_camcorder_and_phone_suffixes_are_videos_and_non_square_pixels_keep_their_shape(tmp_path, checkpoint,
+                                                                                       capsys):
+    inputs, output = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    write_video(inputs / "camcorder.m2ts", moving_frames(4), container_format="mpegts")
+    write_video(inputs / "phone.3gp", moving_frames(3), container_format="3gp")
+    with av.open(str(inputs / "anamorphic.mkv"), "w") as source:  # 64x48 stored, shown 4:3 wider
+        stream = source.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for frame in moving_frames(2):
+            source.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        source.mux(stream.encode())
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output) == 0
+    assert "3 written, 0 skipped" in capsys.readouterr().out
+    assert [len(decoded_frames(output / f"{name}_overlay.mp4")) for name in ("camcorder", "phone", "anamorphic")] == [
+        4, 3, 2]
+    with av.open(str(output / "anamorphic_overlay.mp4")) as anamorphic, \
+            av.open(str(output / "phone_overlay.mp4")) as phone:
+        assert anamorphic.streams.video[0].codec_context.sample_aspect_ratio == Fraction(4, 3)
+        assert phone.streams.video[0].codec_context.sample_aspect_ratio in (None, Fraction(0, 1), Fraction(1, 1))
+
+
+def test_skip_existing_remakes_an_overlay_it_cannot_read_and_drops_a_superseded_partial(tmp_path, checkpoint,
+                                                                                       capsys):
+    inputs, output = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    write_video(inputs / "a.mkv", moving_frames(5), container_format="matroska")
+    write_video(inputs / "b.mkv", moving_frames(6), container_format="matroska")
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output, "--frames") == 0
+    (output / "a_overlay.mp4").write_bytes(b"")  # damaged or replaced since
+    (output / "b_overlay.partial.mp4").write_bytes(b"left by an interrupted run after b was complete")
+    capsys.readouterr()
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output, "--frames", "--skip_existing") == 0
+    captured = capsys.readouterr()
+    assert "1 written, 0 skipped, 1 already done" in captured.out and captured.err == ""
+    assert len(decoded_frames(output / "a_overlay.mp4")) == 5
+    assert sorted(path.name for path in output.iterdir()) == ["a", "a_overlay.mp4", "b", "b_overlay.mp4"]
+
 def test_without_pyav_a_video_is_one_line_saying_what_to_install_and_photos_still_work(tmp_path, checkpoint,
                                                                                          monkeypatch, capsys):
     inputs, output = tmp_path / "inputs", tmp_path / "out"
@@ -465,6 +505,56 @@ def test_ctrl_c_during_a_video_keeps_a_playable_partial_overlay_and_a_rerun_fini
     assert sorted(path.name for path in output.iterdir()) == ["drive_overlay.mp4"]
     assert len(decoded_frames(output / "drive_overlay.mp4")) == 30
 
+
+
+def test_a_second_ctrl_c_while_closing_is_ignored_and_every_frame_counted_has_its_mask(tmp_path, checkpoint,
+                                                                                      monkeypatch, capsys,
+                                                                                      two_threads):
+    source = write_video(tmp_path / "drive.mkv", moving_frames(30))
+    output = tmp_path / "out"
+    real_scores = inference.Segmenter.scores
+    calls = []
+
+    def interrupted_twice_at_the_third_call(self, inputs):
+        calls.append(len(inputs))
+        if len(calls) == 3:  # half of the second batch: once the first batch's 4 frames are through
+            deadline = time.monotonic() + 30
+            while len(list((output / "drive").glob("*_mask.png"))) < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            main = threading.main_thread().ident  # to the main thread: one waiting on a lock would miss it
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.5)  # the main thread is closing up by now, waiting for this worker's part
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.2)
+        return real_scores(self, inputs)
+
+    monkeypatch.setattr(inference.Segmenter, "scores", interrupted_twice_at_the_third_call)
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--batch_size", 4,
+               "--frames") == 130
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "still closing the files being written; signal again to stop at once" in errors
+    partial = output / "drive_overlay.partial.mp4"
+    assert errors[-1].startswith(f"interrupted: {source}: the ") and errors[-1].endswith(f"are in {partial} "
+                                                                                       "(playable; run again to "
+                                                                                       "finish it)")
+    assert errors[-1].split(": ")[2].startswith("the 4 frames") and len(decoded_frames(partial)) == 4
+    assert sorted(path.name for path in (output / "drive").iterdir()) == [f"{index:06d}_mask.png"
+                                                                         for index in range(4)]
+
+
+def test_a_third_signal_stops_at_once(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(inference.os, "_exit", exits.append)
+    with inference.interrupted_once():
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+    assert exits == [130]
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "still closing the files being written; signal again to stop at once",
+        "stopped at once: unfinished files are left under temporary names (.NAME...), removed by the next run"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 def command(checkpoint, inputs, output, *extra):
     return [sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "--input", str(inputs),
