@@ -101,7 +101,8 @@ def open_video(av, path):
 
 class FrameReader:
     """Decodes a stream's frames in a thread into a small queue, each as (index, the frame as a picture in the
-    overlay's pixel format, the model's input made from its RGB).
+    overlay's pixel format, the model's input made from its RGB), turned upright as players show them (a phone's
+    rotation tag, as photos' EXIF orientation), so the model sees streets the right way up.
     Decoding stops at the first damage FFmpeg reports (a truncated or corrupt file); `damage` then says at which
     frame and why, and the frames before it are all delivered. Errors before the first whole frame (a stream cut
     at its start decodes from its first keyframe) drop the frames they come with; `start_error` says why."""
@@ -110,6 +111,8 @@ class FrameReader:
         self.av, self.container, self.stream, self.model_input = av, container, stream, model_input
         self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
         self.picture_format, self.colour = picture_format(*self.size), None  # colour: the first frame's, see picture()
+        # quarter turns counterclockwise to show a frame upright, and the pixels' shape then: the first frame's
+        self.turns, self.sample_aspect_ratio = 0, stream.codec_context.sample_aspect_ratio
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
         self.damage_at_open, self.start_error = damage_at_open, None
         self.thread = threading.Thread(target=self._decode, daemon=True)
@@ -138,7 +141,10 @@ class FrameReader:
                         logs.clear()
                         continue
                     for frame in decoded:
-                        rgb = frame.reformat(*self.size, format="rgb24").to_ndarray()
+                        if index == 0:
+                            self.turn_like(frame)
+                        rgb = np.ascontiguousarray(np.rot90(frame.reformat(*self.size, format="rgb24").to_ndarray(),
+                                                            self.turns))
                         picture = self.picture(frame, rgb)
                         if not self._put((index, picture, self.model_input(rgb))):
                             return
@@ -150,16 +156,24 @@ class FrameReader:
         finally:
             self._put(None)
 
+    def turn_like(self, frame):
+        """Turn every frame as this one's display matrix says (FFmpeg's counterclockwise angle, to the nearest
+        quarter turn, as players do); on its side, a non-square pixel's shape turns too."""
+        self.turns = round((frame.rotation or 0) / 90) % 4
+        if self.turns % 2 and self.sample_aspect_ratio:
+            self.sample_aspect_ratio = 1 / self.sample_aspect_ratio
+
     def picture(self, frame, rgb):
         """The frame (whose RGB at the first frame's size is `rgb`) at that size, in the overlay's pixel format,
         colour matrix and range: the first frame's, or BT.601 where the palette cannot be blended in its matrix,
         so that every picture of one video has the colour tags the encoder gets from the first. Mostly the decoded
-        frame itself; a frame in other colours is made from its RGB, as FFmpeg shows it."""
+        frame itself; a frame in other colours or turned is made from its (turned) RGB, as FFmpeg shows it."""
         if self.colour is None:
             matrix = frame.colorspace if frame.colorspace in BLENDED_MATRICES else SMPTE170M
             self.colour = matrix, FULL_RANGE if frame.color_range == FULL_RANGE else LIMITED_RANGE
         matrix, color_range = self.colour
-        if frame.colorspace == matrix and (frame.color_range == FULL_RANGE) == (color_range == FULL_RANGE):
+        if not self.turns and frame.colorspace == matrix and (frame.color_range == FULL_RANGE) == (
+                color_range == FULL_RANGE):
             return frame.reformat(*self.size, format=self.picture_format)
         picture = self.av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
             format=self.picture_format, dst_colorspace=matrix, dst_color_range=color_range)
@@ -196,22 +210,23 @@ class OverlayWriter:
     """An H.264 mp4 of the source's frame size and rate, written under a temporary name beside the output and
     renamed when closed: a killed run never leaves a half-written video under an output's name."""
 
-    def __init__(self, av, path, width, height, rate, sample_aspect_ratio=None):
+    def __init__(self, av, path, rate):
         self.av, self.count = av, 0
         self.temp_path = temp_path(path)
         self.container = av.open(str(self.temp_path), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
-        self.stream.width, self.stream.height = width, height
-        if sample_aspect_ratio:  # non-square pixels (anamorphic, DV): shown at the source's shape
-            self.stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
-        self.stream.pix_fmt = picture_format(width, height)
 
-    def write(self, picture):
-        """Encode one picture of the stream's size and pixel format; the first gives the file the colour matrix and
-        range its Y, U and V values are in (the primaries and transfer stay untagged: the palette is sRGB)."""
+    def write(self, picture, sample_aspect_ratio=None):
+        """Encode one picture. The first sets the stream's size and pixel format, the colour matrix and range its
+        Y, U and V values are in (the primaries and transfer stay untagged: the palette is sRGB) and the pixels'
+        shape (non-square for anamorphic or DV sources; None: square); the others must match it."""
         context = self.stream.codec_context
         if self.count == 0:
+            self.stream.width, self.stream.height, self.stream.pix_fmt = picture.width, picture.height, \
+                picture.format.name
             context.colorspace, context.color_range = picture.colorspace, picture.color_range
+            if sample_aspect_ratio:
+                context.sample_aspect_ratio = sample_aspect_ratio
         picture.pts, picture.time_base = self.count, 1 / Fraction(context.framerate)
         self.container.mux(self.stream.encode(picture))
         self.count += 1
@@ -366,7 +381,7 @@ def segment_frames(reader, writer, segmenter, args, mask_values, folder, progres
             scores, probabilities = smoother(scores)
             size = picture.height, picture.width
             mask, confidence = mask_and_confidence(scores, size, probabilities, args.save_confidence)
-            writer.write(overlay(picture, mask))
+            writer.write(overlay(picture, mask), reader.sample_aspect_ratio)
             if folder is not None:
                 file_jobs.append(files.submit(write_frame_files, folder, index, mask, confidence, mask_values))
                 while len(file_jobs) > 4 * args.batch_size:
@@ -402,15 +417,13 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
     container, stream, damage_at_open = open_video(av, path)
     with container:
         stream.thread_type = "SLICE"  # frame threads would log damage frames after it happened
-        context = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or FALLBACK_RATE
         folder = frames_folder(output_dir, name) if args.frames else None
         if folder is not None:
             folder.mkdir(exist_ok=True)
             remove_stale_temp_files(folder)
         reader = FrameReader(av, container, stream, segmenter.model_input, 2 * args.batch_size, damage_at_open)
-        writer = OverlayWriter(av, overlay_path(output_dir, name), context.width, context.height, rate,
-                               context.sample_aspect_ratio)
+        writer = OverlayWriter(av, overlay_path(output_dir, name), rate)
         progress = tqdm(total=stream.frames or None, unit="frame", desc=Path(path).name, dynamic_ncols=True,
                         disable=None)
         try:

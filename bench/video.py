@@ -154,8 +154,8 @@ def stage_times(checkpoint, clip, batch_size):
                           for score in segmenter.scores(torch.stack(inputs[start:start + batch_size]))]
 
     def encode():
-        path, (height, width) = BENCH_OUT / "stages.mp4", data["frames"][0].shape[:2]
-        writer = video.OverlayWriter(av, path, width, height, 30)
+        path = BENCH_OUT / "stages.mp4"
+        writer = video.OverlayWriter(av, path, 30)
         for picture in data["overlays"]:
             writer.write(picture)
         writer.close(path)

@@ -123,6 +123,38 @@ def test_overlay_video_has_every_frame_at_the_source_size_and_rate_and_frames_ar
     assert sorted(path.name for path in output.iterdir()) == ["drive", "drive_overlay.mp4"]
 
 
+@pytest.mark.parametrize("rotation,turns", [(90, 1), (-90, 3), (180, 2)])
+def test_a_rotated_phone_video_is_segmented_and_written_upright(tmp_path, checkpoint, rotation, turns, two_threads):
+    stored = [frame.copy() for frame in moving_frames(6)]
+    for frame in stored:
+        frame[:, :32] = 255  # the stored frame's left half white
+    source = tmp_path / "phone.mp4"
+    with av.open(str(source), "w") as output:  # stored 64x48, played turned by `rotation` degrees counterclockwise
+        stream = output.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        stream.set_display_rotation(rotation)
+        for frame in stored:
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())
+    output = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--frames",
+               "--batch_size", 4) == 0
+    upright = [np.ascontiguousarray(np.rot90(frame, turns)) for frame in decoded_frames(source)]
+    overlays = decoded_frames(output / "phone_overlay.mp4")
+    assert len(overlays) == 6 and overlays[0].shape == upright[0].shape == ((64, 48, 3) if turns % 2 else (48, 64, 3))
+    white = {1: np.s_[32:], 3: np.s_[:32]}.get(turns, np.s_[:, 32:])  # where the white half is when shown upright
+    assert all(overlay[white].mean() > overlay.mean() + 20 for overlay in overlays)
+    with av.open(str(output / "phone_overlay.mp4")) as written:
+        shape = Fraction(3, 4) if turns % 2 else Fraction(4, 3)  # a pixel on its side is as tall as it was wide
+        assert written.streams.video[0].codec_context.sample_aspect_ratio == shape
+        assert next(written.decode(video=0)).rotation == 0
+    segmenter = inference.Segmenter(checkpoint, device="cpu")
+    with video.model_workers(segmenter) as (pool, _):
+        masks = pool.submit(lambda: [segmenter(frame) for frame in upright]).result()
+    for index, mask in enumerate(masks):
+        np.testing.assert_array_equal(np.array(Image.open(output / "phone" / f"{index:06d}_mask.png")), mask)
+
 @pytest.mark.parametrize("threads,workers,part_size", [(1, 1, 4), (4, 2, 2)])
 def test_on_a_cpu_the_model_runs_in_two_workers_on_half_batches_and_thread_counts_are_restored(
         tmp_path, checkpoint, monkeypatch, threads, workers, part_size):
