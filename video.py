@@ -67,6 +67,14 @@ def picture_format(width, height):
     return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
 
 
+def keep_time(target, source):
+    """target, given source's time (pts in its time_base), which the overlay writer keeps; a frame without a time
+    base has no time to give."""
+    if source.time_base is not None:
+        target.pts, target.time_base = source.pts, source.time_base
+    return target
+
+
 def overlay_path(output_dir, name, partial=False):
     return Path(output_dir) / f"{name}_overlay{'.partial' if partial else ''}.mp4"
 
@@ -145,7 +153,7 @@ class FrameReader:
                             self.turn_like(frame)
                         rgb = np.ascontiguousarray(np.rot90(frame.reformat(*self.size, format="rgb24").to_ndarray(),
                                                             self.turns))
-                        picture = self.picture(frame, rgb)
+                        picture = keep_time(self.picture(frame, rgb), frame)
                         if not self._put((index, picture, self.model_input(rgb))):
                             return
                         index += 1
@@ -210,8 +218,10 @@ class OverlayWriter:
     """An H.264 mp4 of the source's frame size and rate, written under a temporary name beside the output and
     renamed when closed: a killed run never leaves a half-written video under an output's name."""
 
+    MAX_GAP_SECONDS = 10  # a longer jump in the source's clock is a break in it (a reset camera, MPEG-TS), not a pause
+
     def __init__(self, av, path, rate):
-        self.av, self.count = av, 0
+        self.av, self.count, self.first_time, self.last_tick = av, 0, None, -1
         self.temp_path = temp_path(path)
         self.container = av.open(str(self.temp_path), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
@@ -227,9 +237,25 @@ class OverlayWriter:
             context.colorspace, context.color_range = picture.colorspace, picture.color_range
             if sample_aspect_ratio:
                 context.sample_aspect_ratio = sample_aspect_ratio
-        picture.pts, picture.time_base = self.count, 1 / Fraction(context.framerate)
+        rate = Fraction(context.framerate)
+        picture.pts, picture.time_base = self.tick(picture, rate), 1 / rate
         self.container.mux(self.stream.encode(picture))
         self.count += 1
+
+    def tick(self, picture, rate):
+        """The picture's time in frames at `rate` from the first picture's: its source time (picture.pts in
+        picture.time_base) to the nearest frame, so a constant rate stays exact and a variable one keeps its pauses;
+        the frame after the one before where the source has no time, goes back (joined recordings) or jumps."""
+        time = picture.pts * picture.time_base if picture.pts is not None and picture.time_base else None
+        if self.first_time is None:
+            self.first_time = time
+        tick = self.last_tick + 1
+        if time is not None and self.first_time is not None:
+            source_tick = round((time - self.first_time) * rate)
+            if tick < source_tick <= tick + self.MAX_GAP_SECONDS * rate:
+                tick = source_tick
+        self.last_tick = tick
+        return tick
 
     def close(self, path):
         """Flush the encoder, close the file (playable) and give it its name."""
@@ -293,7 +319,7 @@ class PictureOverlay:
             index <<= 8
             index |= plane_pixels(source)
             np.take(table, index, out=plane_pixels(target))
-        return blended
+        return keep_time(blended, picture)
 
 
 class Smoother:

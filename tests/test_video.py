@@ -155,6 +155,34 @@ def test_a_rotated_phone_video_is_segmented_and_written_upright(tmp_path, checkp
     for index, mask in enumerate(masks):
         np.testing.assert_array_equal(np.array(Image.open(output / "phone" / f"{index:06d}_mask.png")), mask)
 
+def test_a_variable_frame_rate_keeps_each_frames_time_and_a_broken_clock_keeps_the_frames_in_order(tmp_path,
+                                                                                                  checkpoint):
+    milliseconds = [0, 40, 80, 200, 240, 400, 440, 1000, 1040, 1080,  # pauses: 25 fps with gaps
+                    90000, 90040]  # a jump 89 s ahead (a reset clock, not a pause): next in line
+    source = tmp_path / "phone.mkv"
+    with av.open(str(source), "w") as output:
+        stream = output.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame, time_ms in zip(moving_frames(len(milliseconds)), milliseconds):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = time_ms, Fraction(1, 1000)
+            output.mux(stream.encode(picture))
+        output.mux(stream.encode())
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out") == 0
+    with av.open(str(tmp_path / "out" / "phone_overlay.mp4")) as written:
+        times = [round(float(frame.time), 3) for frame in written.decode(video=0)]
+    assert times == [0, 0.04, 0.08, 0.2, 0.24, 0.4, 0.44, 1.0, 1.04, 1.08, 1.12, 1.16]
+
+
+def test_frames_without_a_time_or_going_back_follow_the_one_before(tmp_path):
+    writer = video.OverlayWriter(av, tmp_path / "unused.mp4", 25)
+    pictures = [av.VideoFrame(16, 16, "yuv420p") for _ in range(7)]
+    for picture, time_ms in zip(pictures, [1000, 1041, None, 1200, 600, 1300, 1301]):  # 600: joined recordings
+        if time_ms is not None:
+            picture.pts, picture.time_base = time_ms, Fraction(1, 1000)
+    assert [writer.tick(picture, Fraction(25)) for picture in pictures] == [0, 1, 2, 5, 6, 8, 9]
+    writer.discard()
+
 @pytest.mark.parametrize("threads,workers,part_size", [(1, 1, 4), (4, 2, 2)])
 def test_on_a_cpu_the_model_runs_in_two_workers_on_half_batches_and_thread_counts_are_restored(
         tmp_path, checkpoint, monkeypatch, threads, workers, part_size):
