@@ -292,9 +292,10 @@ def predict(args, segmenter):
     values = mask_values(segmenter.class_table, args.label_ids)
     make_output_folder(output_dir)
     remove_stale_temp_files(output_dir)
-    names = dict(zip(paths, output_names(paths)))
     photos = [path for path in paths if not video.is_video(path)]
     videos = [path for path in paths if video.is_video(path)]
+    # named apart: a photo's outputs and a video's never share a name, so a.png beside a.mp4 keeps both names "a"
+    names = {**dict(zip(photos, output_names(photos))), **dict(zip(videos, output_names(videos)))}
     skipped, incomplete = [], []
 
     def skip(path, reason, kept_some=False):

@@ -362,6 +362,14 @@ def is_done(av, output_dir, name, args):
     return all((folder / f"{index:06d}_{kind}.png").is_file() for index in range(count) for kind in kinds)
 
 
+def remove_frame_files_from(folder, count):
+    """Remove frame files numbered `count` or more: an earlier run's of a longer video of the same name."""
+    for path in folder.glob("??????_*.png"):
+        number, _, kind = path.stem.partition("_")
+        if number.isdigit() and kind in ("mask", "confidence") and int(number) >= count:
+            path.unlink()
+
+
 def write_frame_files(folder, index, mask, confidence, mask_values):
     write_image_atomically(folder / f"{index:06d}_mask.png", mask_values[mask])
     if confidence is not None:
@@ -476,6 +484,8 @@ def segment_video(av, path, name, segmenter, args, output_dir, mask_values):
             raise VideoError(f"no frame could be decoded ({reason})")
         writer.close(overlay_path(output_dir, name))
     overlay_path(output_dir, name, partial=True).unlink(missing_ok=True)
+    if folder is not None:
+        remove_frame_files_from(folder, writer.count)
     if reader.start_error:
         raise VideoError(f"its start could not be decoded ({reader.start_error}); {writer.count} frames from the first "
                          f"whole one on are in {overlay_path(output_dir, name)}", kept_some=True)

@@ -377,6 +377,33 @@ def test_skip_existing_remakes_an_overlay_it_cannot_read_and_drops_a_superseded_
     assert len(decoded_frames(output / "a_overlay.mp4")) == 5
     assert sorted(path.name for path in output.iterdir()) == ["a", "a_overlay.mp4", "b", "b_overlay.mp4"]
 
+def test_a_photo_beside_a_video_of_the_same_name_leaves_the_videos_output_names_as_they_were(tmp_path, checkpoint,
+                                                                                              capsys):
+    inputs, output = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    write_video(inputs / "a.mkv", moving_frames(3), container_format="matroska")
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output, "--frames") == 0
+    Image.fromarray(noise(np.random.default_rng(3), 40, 64)).save(inputs / "a.png")
+    capsys.readouterr()
+    assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output, "--frames", "--skip_existing") == 0
+    assert "1 written, 0 skipped, 1 already done" in capsys.readouterr().out
+    assert sorted(path.name for path in output.iterdir()) == [
+        "a", "a_color.png", "a_mask.png", "a_overlay.jpg", "a_overlay.mp4"]
+
+
+def test_a_shorter_video_of_the_same_name_leaves_no_frame_files_of_the_longer_one(tmp_path, checkpoint):
+    source, output = tmp_path / "drive.mkv", tmp_path / "out"
+    write_video(source, moving_frames(12), container_format="matroska")
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--frames",
+               "--save_confidence") == 0
+    (output / "drive" / "notes.txt").write_text("the user's")
+    write_video(source, moving_frames(3), container_format="matroska")  # re-cut
+    assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--frames",
+               "--save_confidence") == 0
+    assert sorted(path.name for path in (output / "drive").iterdir()) == [
+        f"{index:06d}_{kind}.png" for index in range(3) for kind in ("confidence", "mask")] + ["notes.txt"]
+
+
 def test_without_pyav_a_video_is_one_line_saying_what_to_install_and_photos_still_work(tmp_path, checkpoint,
                                                                                          monkeypatch, capsys):
     inputs, output = tmp_path / "inputs", tmp_path / "out"
