@@ -39,13 +39,23 @@ def noisy_frames(count, height=48, width=64, seed=0):
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def write_video(path, frames, rate=25, container_format=None, pix_fmt="yuv420p", options=None):
+def write_video(path, frames, rate=25, container_format=None, pix_fmt="yuv420p", options=None,
+                sample_aspect_ratio=None, rotation=None, milliseconds=None):
+    """An H.264 video of the RGB frames; rotation: a display matrix turning it counterclockwise, as phones tag;
+    milliseconds: each frame's time (a variable frame rate)."""
     with av.open(str(path), "w", format=container_format) as output:
         stream = output.add_stream("libx264", rate=rate, options=options or {})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = pix_fmt
-        for frame in frames:
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        if sample_aspect_ratio:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if milliseconds is not None:
+                picture.pts, picture.time_base = milliseconds[index], Fraction(1, 1000)
+            output.mux(stream.encode(picture))
         output.mux(stream.encode())
     return path
 
@@ -128,15 +138,7 @@ def test_a_rotated_phone_video_is_segmented_and_written_upright(tmp_path, checkp
     stored = [frame.copy() for frame in moving_frames(6)]
     for frame in stored:
         frame[:, :32] = 255  # the stored frame's left half white
-    source = tmp_path / "phone.mp4"
-    with av.open(str(source), "w") as output:  # stored 64x48, played turned by `rotation` degrees counterclockwise
-        stream = output.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        stream.set_display_rotation(rotation)
-        for frame in stored:
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        output.mux(stream.encode())
+    source = write_video(tmp_path / "phone.mp4", stored, sample_aspect_ratio=Fraction(4, 3), rotation=rotation)
     output = tmp_path / "out"
     assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--frames",
                "--batch_size", 4) == 0
@@ -159,15 +161,7 @@ def test_a_variable_frame_rate_keeps_each_frames_time_and_a_broken_clock_keeps_t
                                                                                                   checkpoint):
     milliseconds = [0, 40, 80, 200, 240, 400, 440, 1000, 1040, 1080,  # pauses: 25 fps with gaps
                     90000, 90040]  # a jump 89 s ahead (a reset clock, not a pause): next in line
-    source = tmp_path / "phone.mkv"
-    with av.open(str(source), "w") as output:
-        stream = output.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for frame, time_ms in zip(moving_frames(len(milliseconds)), milliseconds):
-            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            picture.pts, picture.time_base = time_ms, Fraction(1, 1000)
-            output.mux(stream.encode(picture))
-        output.mux(stream.encode())
+    source = write_video(tmp_path / "phone.mkv", moving_frames(len(milliseconds)), milliseconds=milliseconds)
     assert run("--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "out") == 0
     with av.open(str(tmp_path / "out" / "phone_overlay.mp4")) as written:
         times = [round(float(frame.time), 3) for frame in written.decode(video=0)]
@@ -337,20 +331,13 @@ def test_a_folder_may_mix_photos_and_videos(tmp_path, checkpoint, capsys):
     assert len(decoded_frames(output / "clip_overlay.mp4")) == 5
 
 
-
 def test_camcorder_and_phone_suffixes_are_videos_and_non_square_pixels_keep_their_shape(tmp_path, checkpoint,
                                                                                        capsys):
     inputs, output = tmp_path / "inputs", tmp_path / "out"
     inputs.mkdir()
     write_video(inputs / "camcorder.m2ts", moving_frames(4), container_format="mpegts")
     write_video(inputs / "phone.3gp", moving_frames(3), container_format="3gp")
-    with av.open(str(inputs / "anamorphic.mkv"), "w") as source:  # 64x48 stored, shown 4:3 wider
-        stream = source.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for frame in moving_frames(2):
-            source.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        source.mux(stream.encode())
+    write_video(inputs / "anamorphic.mkv", moving_frames(2), sample_aspect_ratio=Fraction(4, 3))  # shown wider
     assert run("--checkpoint", checkpoint, "--input", inputs, "--output", output) == 0
     assert "3 written, 0 skipped" in capsys.readouterr().out
     assert [len(decoded_frames(output / f"{name}_overlay.mp4")) for name in ("camcorder", "phone", "anamorphic")] == [
