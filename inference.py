@@ -44,8 +44,8 @@ from dataset import (CITYSCAPES_EVAL_NAMES, CITYSCAPES_NAMES, IGNORE_INDEX, IMAG
                      read_photo, to_model_input)
 from metrics import finite_or_none, format_table, score_split, scores
 from onnx_runtime import EXPORT_REQUIREMENTS, OnnxPredictor, export_onnx
-from runtime import (DEFAULT_IMAGE_SIZE, INTERRUPTED_EXIT_CODE, UserError, atomic_write, one_line,
-                     remove_stale_temp_files, resolve_device, run_cli, size_arg, write_image_atomically)
+from runtime import (DEFAULT_IMAGE_SIZE, UserError, atomic_write, one_line, remove_stale_temp_files,
+                     resolve_device, run_cli, size_arg, write_image_atomically)
 from unet import (INPUT_NORMS, TTA_SCALES, WEIGHTS_FILE, Predictor, load_weights, mask_and_confidence, upsample_argmax,
                   upsample_confidence)
 import video
@@ -569,12 +569,13 @@ def interrupted_once():
         received.append(signum)
         if len(received) == 1:
             raise KeyboardInterrupt
+        # os.write, not print: the main thread may be inside a print to stderr, which print cannot re-enter
         if len(received) == 2:
-            print("\nstill closing the files being written; signal again to stop at once", file=sys.stderr)
+            os.write(2, b"\nstill closing the files being written; signal again to stop at once\n")
             return
-        print("stopped at once: unfinished files are left under temporary names (.NAME...), removed by the next run",
-              file=sys.stderr)
-        os._exit(INTERRUPTED_EXIT_CODE)
+        os.write(2, b"stopped at once: unfinished files are left under temporary names (.NAME...), removed by the "
+                    b"next run\n")
+        os._exit(128 + signum)  # as the signal's own exit would be reported: 130 for Ctrl-C, 143 for SIGTERM
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -120,7 +120,7 @@ class FrameReader:
         self.size = stream.codec_context.width, stream.codec_context.height  # every frame gets the first's size
         self.picture_format, self.colour = picture_format(*self.size), None  # colour: the first frame's, see picture()
         # quarter turns counterclockwise to show a frame upright, and the pixels' shape then: the first frame's
-        self.turns, self.sample_aspect_ratio = 0, stream.codec_context.sample_aspect_ratio
+        self.turns, self.sample_aspect_ratio = 0, stream.sample_aspect_ratio  # the container's, as players take it
         self.queue, self.stopping, self.damage = queue.Queue(depth), threading.Event(), None
         self.damage_at_open, self.start_error = damage_at_open, None
         self.thread = threading.Thread(target=self._decode, daemon=True)
@@ -150,7 +150,7 @@ class FrameReader:
                         continue
                     for frame in decoded:
                         if index == 0:
-                            self.turn_like(frame)
+                            self.set_orientation(frame)
                         rgb = np.ascontiguousarray(np.rot90(frame.reformat(*self.size, format="rgb24").to_ndarray(),
                                                             self.turns))
                         picture = keep_time(self.picture(frame, rgb), frame)
@@ -164,15 +164,16 @@ class FrameReader:
         finally:
             self._put(None)
 
-    def turn_like(self, frame):
-        """Turn every frame as this one's display matrix says (FFmpeg's counterclockwise angle, to the nearest
-        quarter turn, as players do); on its side, a non-square pixel's shape turns too."""
+    def set_orientation(self, frame):
+        """Every frame is to be turned as this one's display matrix says (FFmpeg's counterclockwise angle, to the
+        nearest quarter turn; a mirroring tag is not applied); on its side, a non-square pixel's shape turns too."""
         self.turns = round((frame.rotation or 0) / 90) % 4
         if self.turns % 2 and self.sample_aspect_ratio:
             self.sample_aspect_ratio = 1 / self.sample_aspect_ratio
 
     def picture(self, frame, rgb):
-        """The frame (whose RGB at the first frame's size is `rgb`) at that size, in the overlay's pixel format,
+        """The frame (whose RGB at the first frame's size, turned upright, is `rgb`) as `rgb` shows it, in the
+        overlay's pixel format,
         colour matrix and range: the first frame's, or BT.601 where the palette cannot be blended in its matrix,
         so that every picture of one video has the colour tags the encoder gets from the first. Mostly the decoded
         frame itself; a frame in other colours or turned is made from its (turned) RGB, as FFmpeg shows it."""
@@ -215,13 +216,14 @@ class FrameReader:
 # ----------------------------------------------------------------------------- writing
 
 class OverlayWriter:
-    """An H.264 mp4 of the source's frame size and rate, written under a temporary name beside the output and
-    renamed when closed: a killed run never leaves a half-written video under an output's name."""
+    """An H.264 mp4 of the pictures' size (the source's, upright) at the source's rate and times, written under a
+    temporary name beside the output and renamed when closed: a killed run never leaves a half-written video under
+    an output's name."""
 
     MAX_GAP_SECONDS = 10  # a longer jump in the source's clock is a break in it (a reset camera, MPEG-TS), not a pause
 
     def __init__(self, av, path, rate):
-        self.av, self.count, self.first_time, self.last_tick = av, 0, None, -1
+        self.av, self.count, self.origin, self.last_tick = av, 0, None, -1  # origin: the source time of frame 0
         self.temp_path = temp_path(path)
         self.container = av.open(str(self.temp_path), "w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate, options=ENCODER_OPTIONS)
@@ -243,17 +245,18 @@ class OverlayWriter:
         self.count += 1
 
     def tick(self, picture, rate):
-        """The picture's time in frames at `rate` from the first picture's: its source time (picture.pts in
-        picture.time_base) to the nearest frame, so a constant rate stays exact and a variable one keeps its pauses;
-        the frame after the one before where the source has no time, goes back (joined recordings) or jumps."""
+        """The picture's frame number at `rate`: its source time (picture.pts in picture.time_base) to the nearest
+        frame, so a constant rate stays exact and a variable one keeps its pauses. A picture without a time, or
+        whose time goes back (joined recordings, a wrapped clock) or jumps, comes next in line, and the times after
+        it count from there."""
         time = picture.pts * picture.time_base if picture.pts is not None and picture.time_base else None
-        if self.first_time is None:
-            self.first_time = time
         tick = self.last_tick + 1
-        if time is not None and self.first_time is not None:
-            source_tick = round((time - self.first_time) * rate)
-            if tick < source_tick <= tick + self.MAX_GAP_SECONDS * rate:
+        if time is not None:
+            source_tick = None if self.origin is None else round((time - self.origin) * rate)
+            if source_tick is not None and tick <= source_tick <= tick + self.MAX_GAP_SECONDS * rate:
                 tick = source_tick
+            else:  # the first time, or a break in the source's clock
+                self.origin = time - tick / rate
         self.last_tick = tick
         return tick
 
@@ -359,12 +362,12 @@ def is_done(av, output_dir, name, args):
         return False
     kinds = ("mask", "confidence") if args.save_confidence else ("mask",)
     folder = frames_folder(output_dir, name)
-    return all((folder / f"{index:06d}_{kind}.png").is_file() for index in range(count) for kind in kinds)
+    return count > 0 and all((folder / f"{index:06d}_{kind}.png").is_file() for index in range(count) for kind in kinds)
 
 
 def remove_frame_files_from(folder, count):
     """Remove frame files numbered `count` or more: an earlier run's of a longer video of the same name."""
-    for path in folder.glob("??????_*.png"):
+    for path in folder.glob("*_*.png"):
         number, _, kind = path.stem.partition("_")
         if number.isdigit() and kind in ("mask", "confidence") and int(number) >= count:
             path.unlink()

@@ -157,6 +157,7 @@ def test_a_rotated_phone_video_is_segmented_and_written_upright(tmp_path, checkp
     for index, mask in enumerate(masks):
         np.testing.assert_array_equal(np.array(Image.open(output / "phone" / f"{index:06d}_mask.png")), mask)
 
+
 def test_a_variable_frame_rate_keeps_each_frames_time_and_a_broken_clock_keeps_the_frames_in_order(tmp_path,
                                                                                                   checkpoint):
     milliseconds = [0, 40, 80, 200, 240, 400, 440, 1000, 1040, 1080,  # pauses: 25 fps with gaps
@@ -168,14 +169,21 @@ def test_a_variable_frame_rate_keeps_each_frames_time_and_a_broken_clock_keeps_t
     assert times == [0, 0.04, 0.08, 0.2, 0.24, 0.4, 0.44, 1.0, 1.04, 1.08, 1.12, 1.16]
 
 
-def test_frames_without_a_time_or_going_back_follow_the_one_before(tmp_path):
+@pytest.mark.parametrize("milliseconds,ticks", [
+    ([1000, 1041, None, 1200, 600, 1320, 1321], [0, 1, 2, 5, 6, 24, 25]),  # 600: joined recordings; 1321: too soon
+    ([0, 40, 80, 90000, 90040, 90400, 90440], [0, 1, 2, 3, 4, 13, 14]),  # a reset clock, then a pause
+    ([0, 40, 80, 120, 0, 40, 400, 440], [0, 1, 2, 3, 4, 5, 14, 15]),  # a clock going back, then a pause
+    ([None, 0, 40, 80, 400], [0, 1, 2, 3, 11])])  # the first frame without a time
+def test_frames_without_a_time_or_off_the_clock_come_next_and_later_times_count_from_them(tmp_path, milliseconds,
+                                                                                         ticks):
     writer = video.OverlayWriter(av, tmp_path / "unused.mp4", 25)
-    pictures = [av.VideoFrame(16, 16, "yuv420p") for _ in range(7)]
-    for picture, time_ms in zip(pictures, [1000, 1041, None, 1200, 600, 1300, 1301]):  # 600: joined recordings
+    pictures = [av.VideoFrame(16, 16, "yuv420p") for _ in milliseconds]
+    for picture, time_ms in zip(pictures, milliseconds):
         if time_ms is not None:
             picture.pts, picture.time_base = time_ms, Fraction(1, 1000)
-    assert [writer.tick(picture, Fraction(25)) for picture in pictures] == [0, 1, 2, 5, 6, 8, 9]
+    assert [writer.tick(picture, Fraction(25)) for picture in pictures] == ticks
     writer.discard()
+
 
 @pytest.mark.parametrize("threads,workers,part_size", [(1, 1, 4), (4, 2, 2)])
 def test_on_a_cpu_the_model_runs_in_two_workers_on_half_batches_and_thread_counts_are_restored(
@@ -363,6 +371,7 @@ def test_skip_existing_remakes_an_overlay_it_cannot_read_and_drops_a_superseded_
     assert "1 written, 0 skipped, 1 already done" in captured.out and captured.err == ""
     assert len(decoded_frames(output / "a_overlay.mp4")) == 5
     assert sorted(path.name for path in output.iterdir()) == ["a", "a_overlay.mp4", "b", "b_overlay.mp4"]
+
 
 def test_a_photo_beside_a_video_of_the_same_name_leaves_the_videos_output_names_as_they_were(tmp_path, checkpoint,
                                                                                               capsys):
@@ -580,10 +589,17 @@ def test_ctrl_c_during_a_video_keeps_a_playable_partial_overlay_and_a_rerun_fini
     assert len(decoded_frames(output / "drive_overlay.mp4")) == 30
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal, also where the suite runs as a job with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 
 def test_a_second_ctrl_c_while_closing_is_ignored_and_every_frame_counted_has_its_mask(tmp_path, checkpoint,
-                                                                                      monkeypatch, capsys,
-                                                                                      two_threads):
+                                                                                      monkeypatch, capfd,
+                                                                                      two_threads, python_ctrl_c):
     source = write_video(tmp_path / "drive.mkv", moving_frames(30))
     output = tmp_path / "out"
     real_scores = inference.Segmenter.scores
@@ -605,7 +621,7 @@ def test_a_second_ctrl_c_while_closing_is_ignored_and_every_frame_counted_has_it
     monkeypatch.setattr(inference.Segmenter, "scores", interrupted_twice_at_the_third_call)
     assert run("--checkpoint", checkpoint, "--input", source, "--output", output, "--batch_size", 4,
                "--frames") == 130
-    errors = capsys.readouterr().err.strip().splitlines()
+    errors = capfd.readouterr().err.strip().splitlines()
     assert "still closing the files being written; signal again to stop at once" in errors
     partial = output / "drive_overlay.partial.mp4"
     assert errors[-1].startswith(f"interrupted: {source}: the ") and errors[-1].endswith(f"are in {partial} "
@@ -616,7 +632,7 @@ def test_a_second_ctrl_c_while_closing_is_ignored_and_every_frame_counted_has_it
                                                                          for index in range(4)]
 
 
-def test_a_third_signal_stops_at_once(monkeypatch, capsys):
+def test_a_third_signal_stops_at_once(monkeypatch, capfd, python_ctrl_c):
     exits = []
     monkeypatch.setattr(inference.os, "_exit", exits.append)
     with inference.interrupted_once():
@@ -624,11 +640,12 @@ def test_a_third_signal_stops_at_once(monkeypatch, capsys):
             signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGTERM)
-    assert exits == [130]
-    assert capsys.readouterr().err.splitlines()[-2:] == [
+    assert exits == [143]  # 128 + SIGTERM
+    assert capfd.readouterr().err.splitlines()[-2:] == [
         "still closing the files being written; signal again to stop at once",
         "stopped at once: unfinished files are left under temporary names (.NAME...), removed by the next run"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
 
 def command(checkpoint, inputs, output, *extra):
     return [sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "--input", str(inputs),
